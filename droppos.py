@@ -373,10 +373,10 @@ class DropPos(nn.Module):
         if not tau > 0:
             raise ValueError(f"tau must be > 0, got {tau}")
         self.n_vis = int(N * (1 - mask_ratio))
-        self.n_pos_keep = int(self.n_vis * (1 - pos_mask_ratio))
-        if not 0 < pos_mask_ratio <= 1 or self.n_pos_keep >= self.n_vis:
+        if not 0 < pos_mask_ratio <= 1 or int(self.n_vis * (1 - pos_mask_ratio)) >= self.n_vis:
             raise ValueError(f"pos_mask_ratio must be in (0, 1] and drop at least one of the "
                              f"{self.n_vis} visible positions, got {pos_mask_ratio}")
+        self.n_pos_keep = int(self.n_vis * (1 - pos_mask_ratio))
         self.attentive = attentive
         self.tau = tau
         self.mask_pos_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -395,7 +395,7 @@ class DropPos(nn.Module):
         x = enc.patch_embed(gather_tokens(patchify(imgs, enc.patch_size), ids_keep))
         dropped = drop_positions(B, self.n_vis, self.n_pos_keep, device=imgs.device)
         pos = enc.pos_embed[0, 1:][ids_keep]  # (B, n, D) true positions
-        pos = torch.where(dropped.unsqueeze(-1), self.mask_pos_token.to(pos.dtype), pos)
+        pos = torch.where(dropped.unsqueeze(-1), self.mask_pos_token, pos)
         return x + pos, ids_keep, dropped
 
     def forward(self, imgs, sigma):

@@ -2,7 +2,7 @@
 
     python train.py --dataset cifar10                       # pre-train ViT-Tiny/4 on CIFAR-10
     python train.py --dataset synthetic --epochs 2          # offline, no download
-    python train.py --finetune runs/droppos/checkpoint.pt   # fine-tune a classifier on it
+    python train.py --finetune runs/cifar10-pretrain/checkpoint.pt   # fine-tune on it
     python train.py --finetune scratch                      # ... or from random weights
     python train.py --benchmark                             # images/s, memory, utilisation
     torchrun --nproc_per_node=2 train.py --dataset cifar10  # several processes / GPUs
@@ -134,6 +134,8 @@ def finish_args(args):
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.workers is None:
         args.workers = 8 if torch.cuda.is_available() and args.device != "cpu" else 0
+    if args.warmup_epochs < 0:
+        raise UserError(f"--warmup-epochs must be >= 0, got {args.warmup_epochs}")
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
     if args.output_dir is None:
@@ -309,7 +311,8 @@ def load_datasets(args):
             train = cls(args.data_dir, train=True, download=True)
             test = cls(args.data_dir, train=False, download=True)
         except Exception as e:  # network, disk or archive: all end the same way for the user
-            raise UserError(f"could not get {args.dataset} into {args.data_dir!r} ({type(e).__name__}: {e}). "
+            why = str(e).splitlines()[0] if str(e) else ""
+            raise UserError(f"could not get {args.dataset} into {args.data_dir!r} ({type(e).__name__}: {why}). "
                             f"Download {name} from https://www.cs.toronto.edu/~kriz/cifar.html and put it in "
                             f"{args.data_dir!r} (or pass --data-dir), or use --dataset synthetic, which works "
                             f"offline") from None
@@ -430,15 +433,16 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle garbage, foreign objects: all unusable alike
-        raise UserError(f"checkpoint {str(path)!r} is corrupt or not a checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise UserError(f"checkpoint {str(path)!r} is corrupt, truncated or not a checkpoint "
+                        f"({type(e).__name__})") from None
 
 
 def load_state(module, state, what):
     try:
         module.load_state_dict(state)
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise UserError(f"{what} does not match this model: {str(e).splitlines()[0]} "
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:  # TypeError: not a dict at all
+        detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
+        raise UserError(f"{what} does not match this model: {detail} "
                         f"(check --model, --img-size, --patch-size and the width/depth flags)") from None
 
 
@@ -637,12 +641,13 @@ def train(args):
                 torch.save(model.encoder.state_dict(), out_dir / "encoder.pt")
 
     # Ctrl-C and SIGTERM only raise a flag, so the checkpoint is taken between two steps, never
-    # half-way through an optimiser update; a second Ctrl-C quits at once.
+    # half-way through an optimiser update; a second Ctrl-C quits at once, without saving.
     interrupted = []
 
     def on_signal(*_):
         if interrupted:
-            raise KeyboardInterrupt
+            print("\ninterrupted twice: quit without saving", file=sys.stderr, flush=True)
+            raise SystemExit(130)
         interrupted.append(True)
 
     old_handlers = [signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)]
@@ -695,7 +700,8 @@ def train(args):
                            "sigma": sigma, "images_per_sec": ips}
                     log(rec, f"epoch {epoch + 1}/{args.epochs}  step {step_in_epoch}/{steps_per_epoch}  "
                              f"loss {s[0]:.4f}  {'top-1' if finetune else 'pos-acc'} {100 * s[1]:.2f}%  "
-                             f"lr {lr:.2e}  σ {sigma:.3f}  {ips:.0f} img/s  left {fmt_time(left)}")
+                             f"lr {lr:.2e}  {'' if finetune else f'σ {sigma:.3f}  '}{ips:.0f} img/s  "
+                             f"left {fmt_time(left)}")
                     sums.zero_()
                     t_last, imgs_since = now, 0
 
@@ -726,8 +732,9 @@ def train(args):
                   f"continue with --resume", file=sys.stderr, flush=True)
         raise SystemExit(130)
     except FloatingPointError as e:
-        raise UserError(f"loss became non-finite at {e}; stopped without saving. The last good checkpoint "
-                        f"is {ckpt_path} (lower --blr, or try --precision fp32)") from None
+        kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+        raise UserError(f"loss became non-finite at {e}; stopped without saving ({kept}). "
+                        f"Lower --blr, or try --precision fp32") from None
     finally:
         for s, h in zip((signal.SIGINT, signal.SIGTERM), old_handlers):
             signal.signal(s, h)
@@ -879,10 +886,10 @@ def benchmark(args):
         nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         optimizer.step()
 
+    rss_before_mb = rss_mb()
     for _ in range(args.bench_warmup):
         step(imgs)
     sync(device)
-    base_mb = rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -894,8 +901,10 @@ def benchmark(args):
     step_s = sorted(times)[len(times) // 2]
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    else:  # growth of the process's peak resident memory over the model and optimiser already held
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_mb
+    else:  # growth of the process's peak resident memory over what it held before the first step
+        # (model, inputs, libraries): activations, gradients and optimiser state. Measured from
+        # before warm-up because freed activations stay resident afterwards.
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before_mb
     gflops = droppos_flops(cfg) / 1e9
     peaks = {p: matmul_flops(device, torch.float32 if p == "fp32" else torch.bfloat16) / 1e9
              for p in ("fp32", "bf16")}
