@@ -838,23 +838,12 @@ TRAIN_EPOCHS = 3
 SUBPROCESS_TIMEOUT = 300  # seconds; generous because the cores are shared with other work
 
 
-@contextmanager
-def _train_one_thread():
-    # In-process runs use one thread, as the subprocesses do (OMP_NUM_THREADS=1): the exact-resume
-    # tests compare weights bit for bit across the two, and a second OpenMP thread on shared
-    # cores only spin-waits.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _train_in_process(argv):
     """train.main(argv) in this process; returns what it printed on stdout."""
     out = StringIO()
-    with _train_one_thread(), redirect_stdout(out):
+    # One thread, as the subprocesses (OMP_NUM_THREADS=1): the exact-resume tests compare
+    # weights bit for bit across the two.
+    with one_thread(), redirect_stdout(out):
         train.main([str(a) for a in argv])
     return out.getvalue()
 
