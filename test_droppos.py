@@ -1314,6 +1314,6 @@ def test_droppos_flops_grow_linearly_with_depth_and_drop_without_attentive_pass(
     flops = lambda **kw: train.droppos_flops(dict(cfg, **kw))
     # Each encoder block adds the same amount (training pass plus the attentive forward).
     assert flops(depth=3) - flops(depth=2) == flops(depth=2) - flops(depth=1) > 0
-    assert train.droppos_flops(cfg, with_attentive=False) < train.droppos_flops(cfg)
+    assert train.droppos_flops(dict(cfg, attentive=False)) < train.droppos_flops(cfg)
     # Fewer visible patches, less work.
     assert flops(mask_ratio=0.75) < flops(mask_ratio=0.5)

@@ -844,7 +844,7 @@ def evaluate_classifier(model, val_set, args, device, precision, rank, world):
 # Benchmark
 # ============================================================================================
 
-def droppos_flops(cfg, with_attentive=True):
+def droppos_flops(cfg):
     """Model FLOPs of one pre-training image, counted analytically.
 
     A linear layer of a token costs 2·in·out FLOPs; attention costs 4·n·D per token (QKᵀ and
@@ -859,7 +859,7 @@ def droppos_flops(cfg, with_attentive=True):
     encoder = cfg["depth"] * block(n, D) + 2 * (n - 1) * patch_in * D
     decoder = 2 * n * D * Dd + cfg["decoder_depth"] * block(n, Dd) + 2 * (n - 1) * Dd * N
     attentive = cfg["depth"] * block(N + 1, D) + 2 * N * patch_in * D
-    return 3 * (encoder + decoder) + (attentive if with_attentive else 0)
+    return 3 * (encoder + decoder) + (attentive if cfg["attentive"] else 0)
 
 
 def rss_mb():
