@@ -980,12 +980,18 @@ def test_pretraining_run_writes_metrics_checkpoint_timm_encoder_and_picture(pret
 # 2. Interruptions: SIGKILL and Ctrl-C, then --resume
 # --------------------------------------------------------------------------------------------
 
-def test_resume_after_sigkill_mid_epoch_reproduces_the_uninterrupted_run(pretrained_run, tmp_path):
-    ref_dir, _ = pretrained_run
+def _start_and_reach_second_epoch(tmp_path):
+    """A subprocess run of the reference arguments, returned once it is inside epoch 1."""
     out_dir = tmp_path / "run"
     argv = TRAIN_TINY + ["--epochs", TRAIN_EPOCHS, "--output-dir", out_dir]
     proc = _start_train(argv, tmp_path)
     _wait_for_step_of_epoch(proc, out_dir / "metrics.jsonl", epoch=1)
+    return proc, argv, out_dir
+
+
+def test_resume_after_sigkill_mid_epoch_reproduces_the_uninterrupted_run(pretrained_run, tmp_path):
+    ref_dir, _ = pretrained_run
+    proc, argv, out_dir = _start_and_reach_second_epoch(tmp_path)
     proc.kill()  # SIGKILL: no handler runs, nothing is saved at the kill
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
@@ -1000,10 +1006,7 @@ def test_resume_after_sigkill_mid_epoch_reproduces_the_uninterrupted_run(pretrai
 
 def test_ctrl_c_mid_epoch_saves_exits_130_without_traceback_and_resume_is_exact(pretrained_run, tmp_path):
     ref_dir, _ = pretrained_run
-    out_dir = tmp_path / "run"
-    argv = TRAIN_TINY + ["--epochs", TRAIN_EPOCHS, "--output-dir", out_dir]
-    proc = _start_train(argv, tmp_path)
-    _wait_for_step_of_epoch(proc, out_dir / "metrics.jsonl", epoch=1)
+    proc, argv, out_dir = _start_and_reach_second_epoch(tmp_path)
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=SUBPROCESS_TIMEOUT)

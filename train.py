@@ -573,7 +573,7 @@ def train(args):
     cfg = model_config(args)
     if finetune:
         model = build_classifier(args, cfg, num_classes).to(device)
-        depth = model.encoder.blocks.__len__()
+        depth = len(model.encoder.blocks)
         groups = param_groups(model, args.weight_decay,
                               lambda n: args.layer_decay ** (depth + 1 - layer_id(n, depth)))
         betas = (0.9, 0.999)
@@ -622,12 +622,10 @@ def train(args):
         vis_imgs = torch.stack([eval_transform(args.img_size)(val_set[i][0]) for i in range(min(8, len(val_set)))])
 
     def gather_states():
+        if world == 1:
+            return [rng_state()]
         states = [None] * world
-        mine = rng_state()
-        if world > 1:
-            dist.all_gather_object(states, mine)
-        else:
-            states = [mine]
+        dist.all_gather_object(states, rng_state())
         return states
 
     def checkpoint(epoch, step_in_epoch):
@@ -636,7 +634,7 @@ def train(args):
             save_checkpoint(ckpt_path, {"mode": "finetune" if finetune else "pretrain", "model": model.state_dict(),
                                         "optimizer": optimizer.state_dict(), "epoch": epoch,
                                         "step_in_epoch": step_in_epoch, "best": best, "rng": states,
-                                        "args": {k: v for k, v in vars(args).items()}})
+                                        "args": dict(vars(args))})
             if not finetune:
                 torch.save(model.encoder.state_dict(), out_dir / "encoder.pt")
 
@@ -652,11 +650,12 @@ def train(args):
 
     old_handlers = [signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)]
     t_start, epoch, step_in_epoch = time.time(), start_epoch, start_step
+    first_step = start_epoch * steps_per_epoch + start_step  # for the time-left estimate
     try:
         for epoch in range(start_epoch, args.epochs):
             train_data.epoch = epoch
-            loader.sampler.set_epoch(epoch, skip=(start_step if epoch == start_epoch else 0) * args.batch_size)
-            step_in_epoch = start_step if epoch == start_epoch else 0
+            step_in_epoch = start_step  # non-zero only in the epoch a mid-epoch resume starts in
+            loader.sampler.set_epoch(epoch, skip=step_in_epoch * args.batch_size)
             net.train()
             sums = torch.zeros(3, device=device)  # loss, accuracy, steps since the last line
             ep_sums = torch.zeros(3, device=device)
@@ -694,7 +693,7 @@ def train(args):
                     if not math.isfinite(s[0]):
                         raise FloatingPointError(f"epoch {epoch} step {step_in_epoch}")
                     ips = imgs_since / (now - t_last)
-                    done = step + 1 - (start_epoch * steps_per_epoch + start_step)
+                    done = step + 1 - first_step
                     left = (total_steps - step - 1) * (now - t_start) / max(done, 1)
                     rec = {"epoch": epoch, "step": step + 1, "loss": s[0], "acc": s[1], "lr": lr,
                            "sigma": sigma, "images_per_sec": ips}
@@ -828,12 +827,13 @@ def evaluate_classifier(model, val_set, args, device, precision, rank, world):
     data = SeededTransform(val_set, eval_transform(args.img_size), 0)
     idx = list(range(rank, len(data), world))
     loader = DataLoader(Subset(data, idx), args.batch_size, num_workers=args.workers)
-    counts = torch.zeros(2, device=device)
+    counts = torch.zeros(2, device=device)  # right, seen
     for imgs, y in loader:
+        y = y.to(device)
         with autocast(device, precision):
             logits = model(imgs.to(device))
-        counts += torch.stack([(logits.argmax(-1).cpu() == y).sum().to(device).float(),
-                               torch.tensor(float(len(y)), device=device)])
+        counts[0] += (logits.argmax(-1) == y).sum()
+        counts[1] += len(y)
     if world > 1:
         dist.all_reduce(counts)
     model.train()
