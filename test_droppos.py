@@ -494,6 +494,29 @@ def test_attentive_weights_are_cls_cosine_softmax_over_all_patches_renormalised(
                                kept / kept.sum(1, keepdim=True), atol=1e-5, rtol=1e-4)
 
 
+def test_attentive_weights_of_a_large_batch_equal_those_of_each_image_alone():
+    # On a CPU the full-image pass runs in chunks of ~4k tokens: 300 images of 17 tokens make
+    # two chunks, and no image's weights may depend on which chunk it fell in.
+    torch.manual_seed(0)
+    enc = ViT(8, 2, dim=16, depth=1, heads=2)
+    imgs = torch.randn(300, 3, 8, 8)
+    ids = random_masking(300, 16, 5)
+    alone = torch.cat([attentive_weights(enc, imgs[i:i + 1], ids[i:i + 1], 0.1) for i in range(300)])
+    torch.testing.assert_close(attentive_weights(enc, imgs, ids, 0.1), alone, atol=1e-6, rtol=1e-5)
+
+
+def test_model_step_traces_under_torch_compile():
+    # `--compile` hands the whole model to torch.compile; an inference-mode tensor in the
+    # attentive pass once broke its backward. aot_eager traces forward and backward as inductor
+    # does, without generating code, so this stays fast.
+    torch.manual_seed(0)
+    model = tiny_model(8, 2)
+    compiled = torch.compile(model, backend="aot_eager")
+    out = compiled(torch.randn(4, 3, 8, 8), 0.5)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.mask_pos_token.grad is not None
+
+
 # --------------------------------------------------------------------------------------------
 # 8. Loss
 # --------------------------------------------------------------------------------------------
@@ -803,19 +826,54 @@ def test_position_accuracy_stays_at_chance_on_pure_noise():
     assert abs(acc - 1 / 16) < 0.03
 
 
-def test_position_accuracy_nears_one_when_patch_colours_encode_position():
-    # Red = row, green = column (plus fresh noise): the content alone reveals where a patch was,
-    # so a working pipeline must learn it. Attentive weighting is off because it concentrates
-    # the loss on a few patches per image, which slows learning the rest of the grid.
-    torch.manual_seed(0)
+def colour_coded_batch(generator=None):
+    """Red = row, green = column (plus fresh noise): the content alone reveals where a patch was.
+    -> (32, 3, 8, 8), patch 2, a 4×4 grid."""
     ramp = torch.arange(4.0) / 3
     colour = torch.stack([ramp[:, None].expand(4, 4), ramp[None, :].expand(4, 4),
                           torch.full((4, 4), 0.5)])                      # (3, h, w), one per cell
-    clean = colour.repeat_interleave(2, 1).repeat_interleave(2, 2)      # (3, 8, 8), patch 2
-    make = lambda: clean + 0.05 * torch.randn(32, 3, 8, 8)
+    clean = colour.repeat_interleave(2, 1).repeat_interleave(2, 2)      # (3, 8, 8)
+    return clean + 0.05 * torch.randn(32, 3, 8, 8, generator=generator)
+
+
+def test_position_accuracy_nears_one_when_patch_colours_encode_position():
+    # A working pipeline must learn positions that the colours give away. Attentive weighting is
+    # off because it concentrates the loss on a few patches per image, which slows learning the
+    # rest of the grid.
+    torch.manual_seed(0)
     model = tiny_model(8, 2, mask_ratio=0.5, pos_mask_ratio=0.75, attentive=False)
-    acc = train_then_measure(model, make, steps=200)
+    acc = train_then_measure(model, colour_coded_batch, steps=200)
     assert acc >= 0.9
+
+
+@one_thread()
+def test_bf16_autocast_learns_positions_along_the_same_curve_as_fp32():
+    # The same model, batches and optimiser in both precisions; position accuracy is measured
+    # every 25 steps. bf16 matmuls round to 8 bits of mantissa, so the curves may differ a
+    # little, but not in trend. (Measured: 0.38 0.60 0.76 0.95 1.0 ... in both.)
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = tiny_model(8, 2, mask_ratio=0.5, pos_mask_ratio=0.75, attentive=False)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(1)
+        bf16 = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+        curves[precision] = []
+        for step in range(1, 201):
+            with bf16:
+                loss = model(colour_coded_batch(gen), 0.0).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 25 == 0:
+                model.eval()
+                with torch.no_grad(), bf16:
+                    acc = torch.stack([model(colour_coded_batch(gen), 0.0).acc for _ in range(8)])
+                curves[precision].append(acc.float().mean().item())
+                model.train()
+    fp32, bf16 = curves["fp32"], curves["bf16"]
+    assert fp32[0] < 0.7 and fp32[-1] >= 0.9 and bf16[-1] >= 0.9, curves
+    assert max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.1, curves
 
 
 # ===== train.py =====
@@ -921,7 +979,108 @@ def pretrained_run(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------------------------
-# 1. An end-to-end run and what it leaves behind
+# 1. Training data: CIFAR-size sets in memory with batched augmentation, photos per image
+# --------------------------------------------------------------------------------------------
+
+def _image_folder(root, size, per_class=8, classes=("cat", "dog")):
+    """An ImageFolder of random size×size PNGs."""
+    g = torch.Generator().manual_seed(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            torchvision.utils.save_image(torch.rand(3, size, size, generator=g), root / c / f"{i}.png")
+    return root
+
+
+def test_crop_of_the_whole_image_is_the_image_and_flip_mirrors_it():
+    x = torch.rand(2, 3, 12, 12)
+    whole = torch.tensor([[0.0, 0.0, 12.0, 12.0]] * 2)
+    out = train.resample_crops(x, whole, torch.tensor([False, True]), 12)
+    torch.testing.assert_close(out[0], x[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1], x[1].flip(-1), atol=1e-5, rtol=0)
+
+
+def _taps_inside(start, extent, size):
+    """Output pixels whose 4 bicubic taps all fall inside [start, start + extent)."""
+    src = start + (torch.arange(size) + 0.5) * extent / size - 0.5
+    return (src.floor() - 1 >= start) & (src.floor() + 2 <= start + extent - 1)
+
+
+@settings(deadline=None, max_examples=40)
+@given(H=st.integers(4, 20), W=st.integers(4, 20), size=st.integers(4, 24), data=st.data())
+def test_crop_is_a_bicubic_resize_of_its_box_wherever_the_kernel_stays_inside_the_box(H, W, size, data):
+    h, w = data.draw(st.integers(4, H)), data.draw(st.integers(4, W))
+    top, left = data.draw(st.integers(0, H - h)), data.draw(st.integers(0, W - w))
+    x = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
+    box = torch.tensor([[top, left, h, w]], dtype=torch.float32)
+    out = train.resample_crops(x, box, torch.tensor([False]), size)
+    ref = F.interpolate(x[:, :, top:top + h, left:left + w], size=(size, size), mode="bicubic",
+                        align_corners=False)
+    rows, cols = _taps_inside(top, h, size), _taps_inside(left, w, size)
+    assume(rows.any() and cols.any())
+    torch.testing.assert_close(out[..., rows, :][..., cols], ref[..., rows, :][..., cols], atol=1e-5, rtol=0)
+
+
+@settings(deadline=None, max_examples=30)
+@given(H=st.integers(1, 64), W=st.integers(1, 64), low=st.floats(0.01, 1.0), seed=st.integers(0, 99))
+def test_crop_boxes_are_whole_pixel_boxes_inside_the_image(H, W, low, seed):
+    boxes = train.random_crop_boxes(200, H, W, (low, 1.0), torch.Generator().manual_seed(seed))
+    top, left, h, w = boxes.unbind(1)
+    assert torch.equal(boxes, boxes.round())
+    assert (h >= 1).all() and (w >= 1).all() and (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= H).all() and (left + w <= W).all()
+
+
+@pytest.mark.parametrize("low", [0.08, 0.2])  # fine-tuning's and pre-training's crop scales
+def test_crop_boxes_are_drawn_like_torchvisions_random_resized_crop(low):
+    # 4,000 boxes each; the tolerances are ~4 standard errors of each statistic.
+    torch.manual_seed(0)
+    n, img = 4000, torch.zeros(3, 32, 32)
+    theirs = torch.tensor([torchvision.transforms.RandomResizedCrop.get_params(img, (low, 1.0), (3 / 4, 4 / 3))
+                           for _ in range(n)], dtype=torch.float32)
+    ours = train.random_crop_boxes(n, 32, 32, (low, 1.0), torch.Generator().manual_seed(0))
+    stats = lambda b: torch.stack([(b[:, 2] * b[:, 3] / 1024).mean(), (b[:, 3] / b[:, 2]).log().mean(),
+                                   (b[:, 0] + b[:, 2] / 2).mean() / 32, (b[:, 2] == 32).float().mean()])
+    torch.testing.assert_close(stats(ours), stats(theirs), atol=0.02, rtol=0)
+
+
+def test_cifar_size_sets_are_held_in_memory_with_their_exact_pixels():
+    ds = train.SyntheticImages(20, 32)
+    images, labels = train.decode_in_memory(ds, 32)
+    assert images.dtype == torch.uint8 and images.shape == (20, 3, 32, 32)
+    for i in range(20):
+        img, label = ds[i]
+        assert torch.equal(images[i], torchvision.transforms.v2.functional.pil_to_tensor(img))
+        assert labels[i] == label
+    assert train.decode_in_memory(ds, 16) is None                       # not at the training size
+    assert train.decode_in_memory(train.SyntheticImages(2, 96), 96) is None  # not CIFAR-size
+
+
+@pytest.mark.parametrize("source, in_memory", [("synthetic", True), ("photos", False)])
+def test_training_stream_gives_normalised_batches_seeded_by_epoch_and_step(source, in_memory, tmp_path):
+    argv = ["--img-size", "32", "--batch-size", "4", "--device", "cpu", "--workers", "0"]
+    if source == "synthetic":
+        argv += ["--dataset", "synthetic", "--synthetic-size", "16"]
+    else:  # 40-px photos at 32 px: cropped one by one from their full resolution
+        argv += ["--dataset", "imagefolder", "--data-dir", str(_image_folder(tmp_path / "photos", 40))]
+    args = train.parse_args(argv)
+    train_set, _, _ = train.load_datasets(args)
+    stream = train.TrainStream(train_set, args, 0, 1, False, torch.device("cpu"))
+    assert stream.in_memory is in_memory
+    epoch0 = list(stream.epoch(0))
+    assert len(epoch0) == stream.steps == len(train_set) // 4
+    for imgs, labels in epoch0:
+        assert imgs.shape == (4, 3, 32, 32) and imgs.dtype == torch.float32 and labels.shape == (4,)
+        pixels = imgs * torch.tensor(train.STD).view(3, 1, 1) + torch.tensor(train.MEAN).view(3, 1, 1)
+        assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    # A resumed epoch sees exactly the crops of an uninterrupted one; the next epoch new ones.
+    for (a, y), (b, z) in zip(epoch0[2:], stream.epoch(0, start_step=2), strict=True):
+        assert torch.equal(a, b) and torch.equal(y, z)
+    assert not torch.equal(epoch0[0][0], next(iter(stream.epoch(1)))[0])
+
+
+# --------------------------------------------------------------------------------------------
+# 2. An end-to-end run and what it leaves behind
 # --------------------------------------------------------------------------------------------
 
 # read_image warns that torchvision's image I/O is deprecated (in favour of torchcodec); it still works.
@@ -977,7 +1136,7 @@ def test_pretraining_run_writes_metrics_checkpoint_timm_encoder_and_picture(pret
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Interruptions: SIGKILL and Ctrl-C, then --resume
+# 3. Interruptions: SIGKILL and Ctrl-C, then --resume
 # --------------------------------------------------------------------------------------------
 
 def _start_and_reach_second_epoch(tmp_path):
@@ -1028,7 +1187,7 @@ def test_ctrl_c_mid_epoch_saves_exits_130_without_traceback_and_resume_is_exact(
 
 
 # --------------------------------------------------------------------------------------------
-# 3. Bad input: one line starting with "error:", a non-zero exit, never a traceback
+# 4. Bad input: one line starting with "error:", a non-zero exit, never a traceback
 # --------------------------------------------------------------------------------------------
 
 def _bad_files(tmp_path, ref_dir):
@@ -1151,7 +1310,7 @@ def test_bad_input_on_the_command_line_prints_no_traceback(case, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# 4. Two CPU processes under torchrun (gloo)
+# 5. Two CPU processes under torchrun (gloo)
 # --------------------------------------------------------------------------------------------
 
 def _free_port():
@@ -1183,7 +1342,7 @@ def test_two_process_gloo_run_under_torchrun_writes_once_from_rank_0(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# 5. k-NN monitor
+# 6. k-NN monitor
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("k", [5, 1000])  # 1000 > the 60 features in the bank
@@ -1207,7 +1366,7 @@ def test_knn_monitor_reports_top1_at_the_end_of_pretraining(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# 6. Fine-tuning
+# 7. Fine-tuning
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("source", ["checkpoint.pt", "encoder.pt"])
@@ -1242,7 +1401,7 @@ def test_finetune_run_reports_test_top1(pretrained_run, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# 7. Benchmark
+# 8. Benchmark
 # --------------------------------------------------------------------------------------------
 
 def test_benchmark_prints_one_json_line_with_throughput_memory_flops_and_utilization(tmp_path):
@@ -1258,7 +1417,7 @@ def test_benchmark_prints_one_json_line_with_throughput_memory_flops_and_utiliza
 
 
 # --------------------------------------------------------------------------------------------
-# 8. Learning-rate schedule and weight-decay groups
+# 9. Learning-rate schedule and weight-decay groups
 # --------------------------------------------------------------------------------------------
 
 def test_lr_warms_up_linearly_peaks_at_base_lr_and_cosines_down_to_min_lr():
@@ -1308,7 +1467,7 @@ def test_finetune_layer_decay_scales_lr_from_head_down_to_embeddings():
 
 
 # --------------------------------------------------------------------------------------------
-# 9. Analytic FLOP count of the benchmark
+# 10. Analytic FLOP count of the benchmark
 # --------------------------------------------------------------------------------------------
 
 def test_droppos_flops_grow_linearly_with_depth_and_drop_without_attentive_pass():

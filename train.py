@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 from torchvision.transforms import v2
 from torchvision.utils import make_grid, save_image
 
@@ -267,6 +267,14 @@ class SyntheticImages(Dataset):
         return v2.functional.to_pil_image(img.clamp(0, 1)), label
 
 
+def mix_seed(*parts):
+    """One 63-bit seed from several integers, different for different tuples in practice."""
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + p) % 2 ** 63
+    return h
+
+
 class SeededTransform(Dataset):
     """Applies random augmentation seeded by (seed, epoch, index): an image's crop does not depend
     on the number of workers or on where in the epoch a resumed run starts, which is what lets
@@ -281,7 +289,7 @@ class SeededTransform(Dataset):
     def __getitem__(self, i):
         img, label = self.base[i]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            torch.manual_seed(mix_seed(self.seed, self.epoch, i))
             return self.transform(img), label
 
 
@@ -366,12 +374,116 @@ class SkipSampler(torch.utils.data.Sampler):
         return len(self.inner) - self.skip
 
 
-def make_loader(dataset, args, rank, world, train=True):
-    if train:
-        sampler = SkipSampler(dataset, rank, world, args.seed)
-        return DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.workers,
-                          drop_last=True, generator=torch.Generator().manual_seed(args.seed))
-    return DataLoader(dataset, args.batch_size, shuffle=False, num_workers=args.workers)
+def decode_in_memory(dataset, size, limit_bytes=2 ** 31):
+    """A CIFAR-size training set as one uint8 tensor (M, 3, size, size) and its labels (M,).
+
+    None when the images are larger than 64 px, not already size×size, or would fill more than
+    2 GiB: such photos are cropped one by one from their full resolution instead.
+    """
+    if size > 64 or len(dataset) * 3 * size * size > limit_bytes:
+        return None
+    if isinstance(dataset, torchvision.datasets.CIFAR10):  # CIFAR-100 too: it subclasses CIFAR-10
+        return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(dataset.targets)
+    images = torch.empty(len(dataset), 3, size, size, dtype=torch.uint8)
+    labels = torch.empty(len(dataset), dtype=torch.long)
+    for i in range(len(dataset)):
+        img, labels[i] = dataset[i]
+        if img.size != (size, size):
+            return None
+        images[i] = v2.functional.pil_to_tensor(img)
+    return images, labels
+
+
+def random_crop_boxes(n, height, width, scale, generator, ratio=(3 / 4, 4 / 3), tries=10):
+    """RandomResizedCrop's boxes for n images at once.  -> (n, 4) float: top, left, height, width.
+
+    As torchvision draws them: area share uniform in `scale`, aspect ratio log-uniform in `ratio`,
+    the first of `tries` draws that fits inside the image, else the whole image (torchvision's
+    fallback for a square image), and a uniformly placed top-left corner.
+    """
+    area = torch.empty(n, tries).uniform_(*scale, generator=generator) * height * width
+    aspect = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
+    w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+    fits = (w >= 1) & (w <= width) & (h >= 1) & (h <= height)
+    first = fits.int().argmax(1, keepdim=True)  # the first draw that fits
+    any_fit = fits.any(1)
+    h = torch.where(any_fit, h.gather(1, first)[:, 0], float(height))
+    w = torch.where(any_fit, w.gather(1, first)[:, 0], float(width))
+    top = (torch.rand(n, generator=generator) * (height - h + 1)).floor()
+    left = (torch.rand(n, generator=generator) * (width - w + 1)).floor()
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def resample_crops(imgs, boxes, flip, size):
+    """Every image's box resized to size×size (bicubic) in one grid_sample call, mirrored where
+    flip.  imgs: (B, C, H, W) float; boxes: (B, 4) as `random_crop_boxes`; flip: (B,) bool."""
+    B, C, H, W = imgs.shape
+    top, left, h, w = boxes.unbind(1)
+    # affine_grid maps output coordinates in [-1, 1] (pixel edges, align_corners=False) to input
+    # coordinates: the output's edges land on the box's edges.
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0] = torch.where(flip, -w / W, w / W)
+    theta[:, 0, 2] = (2 * left + w) / W - 1
+    theta[:, 1, 1] = h / H
+    theta[:, 1, 2] = (2 * top + h) / H - 1
+    grid = F.affine_grid(theta.to(imgs.device), [B, C, size, size], align_corners=False)
+    return F.grid_sample(imgs, grid, mode="bicubic", padding_mode="border", align_corners=False)
+
+
+def normalize(imgs):
+    """(B, 3, H, W) in [0, 1] -> ImageNet-normalised, as the per-image transforms do."""
+    mean = torch.tensor(MEAN, device=imgs.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=imgs.device).view(1, 3, 1, 1)
+    return (imgs - mean) / std
+
+
+def augment_batch(imgs, size, scale, generator):
+    """`train_transform` for a whole uint8 batch (B, 3, S, S) on its device: RandomResizedCrop,
+    horizontal flip, normalisation.  -> (B, 3, size, size) float."""
+    B, _, H, W = imgs.shape
+    boxes = random_crop_boxes(B, H, W, scale, generator)
+    flip = torch.rand(B, generator=generator) < 0.5
+    # Bicubic overshoots; clamping matches what resampling 8-bit images gives.
+    return normalize(resample_crops(imgs.float() / 255, boxes, flip, size).clamp(0, 1))
+
+
+class TrainStream:
+    """This process's training batches for an epoch: augmented, normalised, on the device.
+
+    CIFAR-size sets are decoded once into memory and each batch is augmented in one resampling
+    call on the device (~1 ms of PIL work per image saved); photos are cropped one by one from
+    their full resolution by `SeededTransform`. Both seed the augmentation by (seed, epoch, batch
+    or image), so a resumed run sees exactly the crops of an uninterrupted one.
+    """
+
+    def __init__(self, train_set, args, rank, world, finetune, device):
+        self.size, self.seed, self.rank, self.device = args.img_size, args.seed, rank, device
+        self.batch_size = args.batch_size
+        self.scale = (0.08 if finetune else 0.2, 1.0)  # as train_transform
+        stored = decode_in_memory(train_set, args.img_size)
+        self.in_memory = stored is not None
+        if self.in_memory:
+            self.data = TensorDataset(*stored)
+        else:
+            self.data = SeededTransform(train_set, train_transform(args.img_size, finetune), args.seed)
+        # Indexing a tensor needs no loader processes: they would only compete for the cores. The
+        # generator keeps the loader from drawing its seed from the global RNG (exact resume).
+        self.loader = DataLoader(self.data, args.batch_size, sampler=SkipSampler(self.data, rank, world, args.seed),
+                                 num_workers=0 if self.in_memory else args.workers, drop_last=True,
+                                 generator=torch.Generator().manual_seed(args.seed))
+        self.steps = len(self.loader)  # per epoch
+
+    def epoch(self, epoch, start_step=0):
+        """Yields (images, labels) on the device for the steps of `epoch` from start_step on."""
+        self.loader.sampler.set_epoch(epoch, skip=start_step * self.batch_size)
+        if not self.in_memory:
+            self.data.epoch = epoch
+        for step, (imgs, labels) in enumerate(self.loader, start_step):
+            imgs = imgs.to(self.device, non_blocking=True)
+            if self.in_memory:
+                g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, step, self.rank))
+                imgs = augment_batch(imgs, self.size, self.scale, g)
+            yield imgs, labels.to(self.device, non_blocking=True)
 
 
 # ============================================================================================
@@ -512,7 +624,7 @@ def save_reassembly(model, imgs, path, device, precision):
     p, grid = model.encoder.patch_size, model.grid
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-    pixels = patchify((imgs * std + mean).clamp(0, 1), p)  # (B, N, p·p·3)
+    pixels = patchify((imgs * std + mean).clamp(0, 1), p)  # (B, N, p·p·3), back to [0, 1]
     vis_patches = droppos.gather_tokens(pixels, out.ids_keep)  # (B, n, p·p·3)
     grey = torch.full_like(pixels, 0.5)
     visible = grey.scatter(1, out.ids_keep[..., None].expand_as(vis_patches), vis_patches)
@@ -563,9 +675,8 @@ def train(args):
     if len(train_set) < args.batch_size * world:
         raise UserError(f"the training set has {len(train_set)} images, fewer than one batch "
                         f"({args.batch_size} × {world} processes); lower --batch-size")
-    train_data = SeededTransform(train_set, train_transform(args.img_size, finetune), args.seed)
-    loader = make_loader(train_data, args, rank, world)
-    steps_per_epoch = len(loader)
+    stream = TrainStream(train_set, args, rank, world, finetune, device)
+    steps_per_epoch = stream.steps
     total_steps = steps_per_epoch * args.epochs
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
     base_lr = args.blr * args.batch_size * world / 256
@@ -653,14 +764,12 @@ def train(args):
     first_step = start_epoch * steps_per_epoch + start_step  # for the time-left estimate
     try:
         for epoch in range(start_epoch, args.epochs):
-            train_data.epoch = epoch
             step_in_epoch = start_step  # non-zero only in the epoch a mid-epoch resume starts in
-            loader.sampler.set_epoch(epoch, skip=step_in_epoch * args.batch_size)
             net.train()
             sums = torch.zeros(3, device=device)  # loss, accuracy, steps since the last line
             ep_sums = torch.zeros(3, device=device)
             t_last, imgs_since = time.time(), 0
-            for imgs, labels in loader:
+            for imgs, labels in stream.epoch(epoch, start_step):
                 if stop_requested(interrupted, step_in_epoch, world, device):
                     raise KeyboardInterrupt
                 step = epoch * steps_per_epoch + step_in_epoch
@@ -669,10 +778,9 @@ def train(args):
                     g["lr"] = lr * g["lr_scale"]
                 progress = step / total_steps
                 sigma = sigma_at(args.sigma, progress, decay=not args.no_sigma_decay)
-                imgs = imgs.to(device, non_blocking=True)
                 with autocast(device, precision):
                     if finetune:
-                        loss, acc = classification_step(net, imgs, labels.to(device), mix, args.smoothing, num_classes)
+                        loss, acc = classification_step(net, imgs, labels, mix, args.smoothing, num_classes)
                     else:
                         out = net(imgs, sigma)
                         loss, acc = out.loss, out.acc
@@ -925,11 +1033,9 @@ def benchmark(args):
 
 
 def bench_with_data(args, step, device):
-    """Images/s of the same step fed by the real data loader (decode, augment, collate)."""
+    """Images/s of the same step fed by the training stream (load, augment, move to the device)."""
     train_set, _, _ = load_datasets(args)
-    loader = make_loader(SeededTransform(train_set, train_transform(args.img_size), args.seed), args, 0, 1)
-    loader.sampler.set_epoch(0)
-    it, n, t = iter(loader), 0, None
+    it, n, t = iter(TrainStream(train_set, args, 0, 1, False, device).epoch(0)), 0, None
     for i in range(args.bench_warmup + args.bench_steps):
         try:
             imgs, _ = next(it)
@@ -938,7 +1044,7 @@ def bench_with_data(args, step, device):
         if i == args.bench_warmup:
             sync(device)
             t = time.perf_counter()
-        step(imgs.to(device, non_blocking=True))
+        step(imgs)
         if t is not None:
             n += imgs.shape[0]
     sync(device)
