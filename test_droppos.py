@@ -789,6 +789,28 @@ def test_bf16_autocast_forward_and_backward_give_a_finite_loss():
     assert model.mask_pos_token.grad is not None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_step_runs_bf16_without_host_synchronisation():
+    # A step that waits on the host leaves the GPU idle; sync debug mode turns any wait
+    # (.item(), a blocking copy, data-dependent shapes) into an error.
+    torch.manual_seed(0)
+    model = tiny_model(32, 4).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    imgs = torch.randn(8, 3, 32, 32, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(imgs, 0.5)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss).item()
+
+
 @contextmanager
 def one_thread():
     # Thousands of tiny ops: a second OpenMP thread gains nothing, and when other processes

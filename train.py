@@ -59,9 +59,9 @@ def parse_args(argv=None):
     g.add_argument("--classes", type=int, default=None, help="imagefolder: keep the first K classes")
     g.add_argument("--per-class", type=int, default=None, help="imagefolder: at most M images per class")
     g.add_argument("--synthetic-size", type=int, default=2048, help="synthetic: number of images")
-    g.add_argument("--workers", type=int, default=None, help="data-loading processes; default 0 on a CPU "
-                   "(a loader process competing for the cores slows the training step many times over), "
-                   "8 on a GPU")
+    g.add_argument("--workers", type=int, default=None, help="data-loading processes for photos; default 0 on "
+                   "a CPU (a loader process competing for the cores slows the training step many times over), "
+                   "8 on a GPU. CIFAR-size sets are held in memory and augmented a batch at a time: no workers")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="encoder/decoder preset")
