@@ -824,18 +824,30 @@ def one_thread():
 
 
 @one_thread()
-def train_then_measure(model, make_batch, steps, eval_batches=16):
-    """AdamW for `steps` fresh batches at sigma = 0, then the mean eval-mode accuracy."""
+def learning_curve(model, make_batch, steps, every, eval_batches=16, bf16=False):
+    """AdamW for `steps` fresh batches at sigma = 0; the mean eval-mode accuracy after every
+    `every` steps. bf16: forward under bf16 autocast."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(steps):
-        loss = model(make_batch(), 0.0).loss
+    precision = partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=bf16)
+    curve = []
+    for step in range(1, steps + 1):
+        model.train()
+        with precision():
+            loss = model(make_batch(), 0.0).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
-    with torch.no_grad():
-        return torch.stack([model(make_batch(), 0.0).acc for _ in range(eval_batches)]).mean().item()
+        if step % every == 0:
+            model.eval()
+            with torch.no_grad(), precision():
+                acc = torch.stack([model(make_batch(), 0.0).acc for _ in range(eval_batches)])
+            curve.append(acc.float().mean().item())
+    return curve
+
+
+def train_then_measure(model, make_batch, steps, eval_batches=16):
+    """AdamW for `steps` fresh batches at sigma = 0, then the mean eval-mode accuracy."""
+    return learning_curve(model, make_batch, steps, steps, eval_batches)[-1]
 
 
 def test_position_accuracy_stays_at_chance_on_pure_noise():
@@ -868,7 +880,6 @@ def test_position_accuracy_nears_one_when_patch_colours_encode_position():
     assert acc >= 0.9
 
 
-@one_thread()
 def test_bf16_autocast_learns_positions_along_the_same_curve_as_fp32():
     # The same model, batches and optimiser in both precisions; position accuracy is measured
     # every 25 steps. bf16 matmuls round to 8 bits of mantissa, so the curves may differ a
@@ -877,22 +888,9 @@ def test_bf16_autocast_learns_positions_along_the_same_curve_as_fp32():
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
         model = tiny_model(8, 2, mask_ratio=0.5, pos_mask_ratio=0.75, attentive=False)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         gen = torch.Generator().manual_seed(1)
-        bf16 = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-        curves[precision] = []
-        for step in range(1, 201):
-            with bf16:
-                loss = model(colour_coded_batch(gen), 0.0).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if step % 25 == 0:
-                model.eval()
-                with torch.no_grad(), bf16:
-                    acc = torch.stack([model(colour_coded_batch(gen), 0.0).acc for _ in range(8)])
-                curves[precision].append(acc.float().mean().item())
-                model.train()
+        curves[precision] = learning_curve(model, lambda: colour_coded_batch(gen), steps=200, every=25,
+                                           eval_batches=8, bf16=precision == "bf16")
     fp32, bf16 = curves["fp32"], curves["bf16"]
     assert fp32[0] < 0.7 and fp32[-1] >= 0.9 and bf16[-1] >= 0.9, curves
     assert max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.1, curves

@@ -238,6 +238,14 @@ def autocast(device, precision):
 # Data
 # ============================================================================================
 
+def mix_seed(*parts):
+    """One 63-bit seed from several integers, different for different tuples in practice."""
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + p) % 2 ** 63
+    return h
+
+
 class SyntheticImages(Dataset):
     """Offline images with spatial structure: a sky-to-ground luminance ramp, a left-to-right
     colour ramp and class-dependent stripes, each image jittered by its own seed. Where a patch
@@ -253,7 +261,7 @@ class SyntheticImages(Dataset):
         return self.n
 
     def __getitem__(self, i):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, i))
         label = i % self.num_classes
         s = self.size
         y = torch.linspace(0, 1, s).view(s, 1).expand(s, s)
@@ -265,14 +273,6 @@ class SyntheticImages(Dataset):
         stripes = torch.sin(freq * (y if label < 5 else x) + phase)
         img = img + 0.2 * stripes + 0.05 * torch.randn(3, s, s, generator=g)
         return v2.functional.to_pil_image(img.clamp(0, 1)), label
-
-
-def mix_seed(*parts):
-    """One 63-bit seed from several integers, different for different tuples in practice."""
-    h = 0
-    for p in parts:
-        h = (h * 1_000_003 + p) % 2 ** 63
-    return h
 
 
 class SeededTransform(Dataset):
@@ -293,10 +293,14 @@ class SeededTransform(Dataset):
             return self.transform(img), label
 
 
-def train_transform(size, finetune=False):
+def crop_scale(finetune):
     # Paper: RandomResizedCrop(scale 0.2-1) + flip for pre-training; MAE fine-tuning crops from 0.08.
+    return (0.08 if finetune else 0.2, 1.0)
+
+
+def train_transform(size, finetune=False):
     return v2.Compose([v2.ToImage(),
-                       v2.RandomResizedCrop(size, scale=(0.08 if finetune else 0.2, 1.0),
+                       v2.RandomResizedCrop(size, scale=crop_scale(finetune),
                                             interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                        v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(MEAN, STD)])
@@ -430,11 +434,21 @@ def resample_crops(imgs, boxes, flip, size):
     return F.grid_sample(imgs, grid, mode="bicubic", padding_mode="border", align_corners=False)
 
 
+def _mean_std(device):
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(STD, device=device).view(1, 3, 1, 1))
+
+
 def normalize(imgs):
     """(B, 3, H, W) in [0, 1] -> ImageNet-normalised, as the per-image transforms do."""
-    mean = torch.tensor(MEAN, device=imgs.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=imgs.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(imgs.device)
     return (imgs - mean) / std
+
+
+def denormalize(imgs):
+    """Inverse of `normalize`, clamped to [0, 1] for display."""
+    mean, std = _mean_std(imgs.device)
+    return (imgs * std + mean).clamp(0, 1)
 
 
 def augment_batch(imgs, size, scale, generator):
@@ -458,8 +472,7 @@ class TrainStream:
 
     def __init__(self, train_set, args, rank, world, finetune, device):
         self.size, self.seed, self.rank, self.device = args.img_size, args.seed, rank, device
-        self.batch_size = args.batch_size
-        self.scale = (0.08 if finetune else 0.2, 1.0)  # as train_transform
+        self.scale = crop_scale(finetune)
         stored = decode_in_memory(train_set, args.img_size)
         self.in_memory = stored is not None
         if self.in_memory:
@@ -475,7 +488,7 @@ class TrainStream:
 
     def epoch(self, epoch, start_step=0):
         """Yields (images, labels) on the device for the steps of `epoch` from start_step on."""
-        self.loader.sampler.set_epoch(epoch, skip=start_step * self.batch_size)
+        self.loader.sampler.set_epoch(epoch, skip=start_step * self.loader.batch_size)
         if not self.in_memory:
             self.data.epoch = epoch
         for step, (imgs, labels) in enumerate(self.loader, start_step):
@@ -508,6 +521,15 @@ def param_groups(model, weight_decay, lr_scale=None):
 def make_optimizer(groups, lr, betas, device):
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def optimizer_step(model, optimizer, loss, clip_grad):
+    """Backward, clip the gradient norm (0 = no clipping), update."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
 
 
 def lr_at(step, total, warmup, base_lr, min_lr):
@@ -622,9 +644,7 @@ def save_reassembly(model, imgs, path, device, precision):
         out = model(imgs, 0.0)
     model.train(was_training)
     p, grid = model.encoder.patch_size, model.grid
-    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-    pixels = patchify((imgs * std + mean).clamp(0, 1), p)  # (B, N, p·p·3), back to [0, 1]
+    pixels = patchify(denormalize(imgs), p)  # (B, N, p·p·3)
     vis_patches = droppos.gather_tokens(pixels, out.ids_keep)  # (B, n, p·p·3)
     grey = torch.full_like(pixels, 0.5)
     visible = grey.scatter(1, out.ids_keep[..., None].expand_as(vis_patches), vis_patches)
@@ -784,11 +804,7 @@ def train(args):
                     else:
                         out = net(imgs, sigma)
                         loss, acc = out.loss, out.acc
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if args.clip_grad > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-                optimizer.step()
+                optimizer_step(model, optimizer, loss, args.clip_grad)
                 stat = torch.stack([loss.detach().float(), acc.detach().float(), torch.ones((), device=device)])
                 sums += stat
                 ep_sums += stat
@@ -989,10 +1005,7 @@ def benchmark(args):
     def step(x):
         with autocast(device, precision):
             loss = net(x, 0.5).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        optimizer.step()
+        optimizer_step(model, optimizer, loss, args.clip_grad)
 
     rss_before_mb = rss_mb()
     for _ in range(args.bench_warmup):
