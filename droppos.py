@@ -222,18 +222,20 @@ class ViT(nn.Module):
         nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(dim, -1))
         self.apply(_init_linear_and_norm)
 
-    def encode(self, x):
-        """Prepend [CLS] to position-embedded tokens and run the blocks.  (B, n, D) -> (B, 1+n, D)."""
+    def encode(self, x, final_norm=True):
+        """Prepend [CLS] to position-embedded tokens and run the blocks, then the final norm unless
+        final_norm is False.  (B, n, D) -> (B, 1+n, D)."""
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x)
+        return self.norm(x) if final_norm else x
 
-    def forward_features(self, imgs):
-        """All patches with all true positions.  imgs: (B, C, H, W) -> (B, 1+N, D) after the norm."""
+    def forward_features(self, imgs, final_norm=True):
+        """All patches with all true positions.  imgs: (B, C, H, W) -> (B, 1+N, D) after the norm;
+        with final_norm=False, the last block's output (MAE's fine-tuning head pools that)."""
         x = self.patch_embed(patchify(imgs, self.patch_size))
-        return self.encode(x + self.pos_embed[:, 1:])
+        return self.encode(x + self.pos_embed[:, 1:], final_norm)
 
 
 def _init_linear_and_norm(m):

@@ -1,13 +1,16 @@
 """Pre-train DropPos, watch it learn, evaluate what it learned, and time it.
 
-    python train.py --dataset cifar10                       # pre-train ViT-Tiny/4 on CIFAR-10
-    python train.py --dataset synthetic --epochs 2          # offline, no download
-    python train.py --finetune runs/cifar10-pretrain/checkpoint.pt   # fine-tune on it
-    python train.py --finetune scratch                      # ... or from random weights
-    python train.py --benchmark                             # images/s, memory, utilisation
-    torchrun --nproc_per_node=2 train.py --dataset cifar10  # several processes / GPUs
+    python train.py --dataset synthetic --epochs 2           # offline, a minute on a laptop
+    python train.py --dataset cifar10                        # pre-train ViT-Tiny/4 on CIFAR-10
+    python train.py --resume runs/cifar10-pretrain           # continue a run exactly where it stopped
+    python train.py --finetune runs/cifar10-pretrain/checkpoint.pt   # fine-tune what it learned
+    python train.py --finetune scratch                       # ... the same from random weights
+    python train.py --benchmark                              # images/s, memory, utilisation
+    torchrun --nproc_per_node=2 train.py --dataset cifar10   # several processes or GPUs
 
-Every flag is listed by `python train.py --help`, grouped by purpose.
+The file reads top to bottom: the command line, the training loop, then what the loop uses
+(pre-training and fine-tuning, the run folder and exact resume, processes, data, optimisation,
+evaluation, logging), and the benchmark.
 """
 
 import argparse
@@ -21,126 +24,268 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
+from einops import repeat
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 from torchvision.transforms import v2
-from torchvision.utils import make_grid, save_image
 
 import droppos
-from droppos import PRESETS, DropPos, ViT, patchify, sigma_at, unpatchify
+from droppos import PRESETS, DropPos, ViT, patchify, sigma_at, sincos_pos_embed, unpatchify
 
+DATASETS = {"cifar10": 32, "cifar100": 32, "imagefolder": 224, "synthetic": 32}  # native image size
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "synthetic": 32, "imagefolder": 224}
-NATIVE_PATCH = {32: 4, 224: 16}
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "encoder.pt", "reassembly.png")
 
 
 class UserError(Exception):
-    """A problem with what the user asked for: reported as one line, never a traceback."""
+    """A problem with what the user asked for: reported as one line, exit code 2, never a traceback."""
 
 
 # ============================================================================================
-# Command line
+# 1. The command line
 # ============================================================================================
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows each flag's default, where it has one, and the default --recipe paper gives it."""
 
+    def _get_help_string(self, action):
+        paper = paper_default_text(action.dest)
+        if not any(action.default is v for v in (None, False, argparse.SUPPRESS)):  # `is`: 0 == False
+            return f"{action.help} (default: %(default)s{paper})"
+        if paper and action.help.endswith(")"):  # a default written into the help: "(default: ...)"
+            return f"{action.help[:-1]}{paper})"
+        return action.help + (f" ({paper[2:]})" if paper else "")
+
+
+def paper_default_text(dest):
+    """'; --recipe paper: X' for --help, per mode where the modes differ; '' for other flags."""
+    values = {mode: RECIPES["paper"][mode][dest] for mode in ("pretrain", "finetune") if dest in RECIPES["paper"][mode]}
+    if not values:
+        return ""
+    if len(set(values.values())) == 1:
+        return f"; --recipe paper: {next(iter(values.values()))}"
+    return f"; --recipe paper: {values['pretrain']} pre-training, {values['finetune']} fine-tuning"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # a typo is bad input like any other: one line, exit code 2
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser():
+    p = Parser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10", help="cifar10 | cifar100 | imagefolder | synthetic")
-    g.add_argument("--data-dir", default="data", help="where datasets live (CIFAR downloads here); "
-                   "for imagefolder, the ImageFolder tree of training images")
-    g.add_argument("--val-dir", default=None, help="imagefolder: held-out tree for k-NN and fine-tune "
-                   "evaluation (default: every 10th image of --data-dir is held out)")
-    g.add_argument("--classes", type=int, default=None, help="imagefolder: keep the first K classes")
-    g.add_argument("--per-class", type=int, default=None, help="imagefolder: at most M images per class")
-    g.add_argument("--synthetic-size", type=int, default=2048, help="synthetic: number of images")
-    g.add_argument("--workers", type=int, default=None, help="data-loading processes for photos; default 0 on "
-                   "a CPU (a loader process competing for the cores slows the training step many times over), "
-                   "8 on a GPU. CIFAR-size sets are held in memory and augmented a batch at a time: no workers")
+    g.add_argument("--dataset", default="cifar10", choices=list(DATASETS),
+                   help="what to train on; synthetic needs no download")
+    g.add_argument("--data-dir", default="data", help="where CIFAR is downloaded to; for imagefolder, "
+                   "the ImageFolder tree (one sub-folder per class) of training images")
+    g.add_argument("--val-dir", help="imagefolder: a held-out ImageFolder tree for k-NN and fine-tuning "
+                   "top-1 (default: every 10th training image is held out)")
+    g.add_argument("--classes", type=int, help="keep only the first K classes (default: all)")
+    g.add_argument("--per-class", type=int, help="keep at most M training images per class (default: all)")
+    g.add_argument("--synthetic-size", type=int, default=2048, help="synthetic: number of training images")
+    g.add_argument("--workers", type=int, help="loader processes for photos (default: 0 on a CPU, where "
+                   "they would compete with the training step for the cores; 8 on a GPU). CIFAR-size "
+                   "sets are held in memory and use none")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="encoder/decoder preset")
-    g.add_argument("--img-size", type=int, default=None, help="default: 32 for CIFAR/synthetic, 224 for imagefolder")
-    g.add_argument("--patch-size", type=int, default=None, help="default: 4 at 32 px, 16 at 224 px")
-    for name in ("dim", "depth", "heads", "decoder-dim", "decoder-depth", "decoder-heads"):
-        g.add_argument(f"--{name}", type=int, default=None, help="override the preset")
+    g.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="encoder and decoder preset")
+    g.add_argument("--img-size", type=int, help="training resolution (default: 32 for CIFAR and "
+                   "synthetic, 224 for imagefolder)")
+    g.add_argument("--patch-size", type=int, help="patch size (default: 4 at 32 px, else 16)")
+    for name, what in [("dim", "encoder width"), ("depth", "encoder blocks"), ("heads", "encoder heads"),
+                       ("decoder-dim", "decoder width"), ("decoder-depth", "decoder blocks"),
+                       ("decoder-heads", "decoder heads")]:
+        g.add_argument(f"--{name}", type=int, help=f"{what} (default: the preset's)")
 
     g = p.add_argument_group("method (paper section 3; each ablation is one flag)")
     g.add_argument("--mask-ratio", type=float, default=0.75, help="γ: share of patches hidden")
-    g.add_argument("--pos-mask-ratio", type=float, default=0.75, help="γ_pos: share of visible patches whose position is dropped")
+    g.add_argument("--pos-mask-ratio", type=float, default=0.75,
+                   help="γ_pos: share of visible patches whose position embedding is dropped")
     g.add_argument("--sigma", type=float, default=1.0, help="σ0 of position smoothing (0 = one-hot targets)")
     g.add_argument("--no-sigma-decay", action="store_true", help="keep σ = σ0 instead of decaying it to 0")
-    g.add_argument("--no-attentive", action="store_true", help="uniform instead of attentive loss weights")
-    g.add_argument("--tau", type=float, default=0.1, help="temperature of attentive reconstruction")
-    g.add_argument("--pos-embed", default="sincos", choices=["sincos", "learnable"])
+    g.add_argument("--no-attentive", action="store_true", help="uniform loss weights instead of attentive ones")
+    g.add_argument("--tau", type=float, default=0.1, help="τ: temperature of attentive reconstruction")
+    g.add_argument("--pos-embed", default="sincos", choices=["sincos", "learnable"],
+                   help="fixed 2-D sin-cos position embedding, or a learned one")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=100)
-    g.add_argument("--batch-size", type=int, default=64, help="per process")
-    g.add_argument("--blr", type=float, default=None, help="base lr; lr = blr × total batch / 256. "
-                   "Default 2e-3 for pre-training (lr 5e-4 at batch 64: fastest learning we measured "
-                   "on a CPU budget; the paper uses 1.5e-4 at batch 512), 1e-3 for fine-tuning")
+    g.add_argument("--recipe", default="laptop", choices=sorted(RECIPES),
+                   help="laptop: defaults for small runs on a CPU budget. paper: the official DropPos "
+                   "pre-training (its defaults below, the ViT-B decoder at any size, each gradient clipped "
+                   "on its own, [CLS] and [MASK] tokens decayed) and MAE's fine-tuning as DropPos runs it "
+                   "(RandAugment and RandomErasing, a head that pools without the encoder's final norm, 224/256 "
+                   "evaluation crop). Flags you type win over either")
+    g.add_argument("--epochs", type=int, default=100, help="length of the run")
+    g.add_argument("--batch-size", type=int, default=64, help="images per step and process")
+    g.add_argument("--blr", type=float, help="base lr; lr = blr × total batch / 256 (default: 2e-3 "
+                   "for pre-training, 1e-3 for fine-tuning)")
     g.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine")
-    g.add_argument("--warmup-epochs", type=float, default=1.0)
-    g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--clip-grad", type=float, default=5.0, help="0 = no clipping")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear lr warm-up")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    g.add_argument("--clip-grad", type=float, default=5.0, help="gradient-norm clipping (0 = none); "
+                   "--recipe paper pre-training clips each parameter's gradient to this norm on its own")
+    g.add_argument("--seed", type=int, default=0, help="seeds data order, augmentation, masking, init")
 
-    g = p.add_argument_group("fine-tuning (--finetune CHECKPOINT | scratch)")
-    g.add_argument("--finetune", default=None, help="checkpoint.pt or encoder.pt of a pre-training run, or 'scratch'")
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--finetune", metavar="CHECKPOINT|scratch", help="train a classifier on the encoder of a "
+                   "pre-training run (its checkpoint.pt or encoder.pt), or on a random one ('scratch')")
     g.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay")
-    g.add_argument("--drop-path", type=float, default=0.1)
+    g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the last block")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g.add_argument("--mixup", type=float, default=0.8, help="MixUp alpha (0 = off)")
     g.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0 = off)")
 
-    g = p.add_argument_group("evaluation and output")
-    g.add_argument("--output-dir", default=None, help="default: runs/<dataset>-<pretrain|finetune>")
+    g = p.add_argument_group("output and evaluation")
+    g.add_argument("--output-dir", help="the run's folder (default: runs/<dataset>-pretrain, "
+                   "runs/<dataset>-scratch or runs/<pre-training run>-finetune, with -seedN for seed N > 0)")
+    g.add_argument("--resume", metavar="FOLDER|CHECKPOINT", help="continue the run in FOLDER exactly where it "
+                   "stopped, with the flags it was started with")
     g.add_argument("--knn-every", type=int, default=10, help="k-NN monitor every N epochs and at the end (0 = off)")
-    g.add_argument("--knn-k", type=int, default=20)
-    g.add_argument("--knn-t", type=float, default=0.07)
+    g.add_argument("--knn-k", type=int, default=20, help="neighbours of the k-NN monitor")
+    g.add_argument("--knn-t", type=float, default=0.07, help="temperature of the k-NN vote")
     g.add_argument("--log-every", type=float, default=5.0, help="seconds between progress lines (0 = every step)")
-    g.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from a checkpoint (default: <output-dir>/checkpoint.pt)")
 
     g = p.add_argument_group("hardware")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: a GPU if present")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="auto: bf16 autocast on CUDA, and on a CPU where bf16 matmuls beat fp32 ones")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+                   help="auto: bf16 autocast on a GPU, and on a CPU whose bf16 matmuls beat fp32 ones")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (minutes of start-up)")
 
     g = p.add_argument_group("benchmark")
-    g.add_argument("--benchmark", action="store_true", help="time training steps, print one JSON line")
-    g.add_argument("--bench-steps", type=int, default=10)
-    g.add_argument("--bench-warmup", type=int, default=3)
-    return finish_args(p.parse_args(argv))
+    g.add_argument("--benchmark", action="store_true", help="time training steps and print one JSON line")
+    g.add_argument("--bench-steps", type=int, default=10, help="timed steps")
+    g.add_argument("--bench-warmup", type=int, default=3, help="untimed steps first")
+    return p
 
 
-def finish_args(args):
-    """Fill size defaults that depend on the dataset, and reject impossible values early."""
-    if args.dataset not in NATIVE_SIZE:
-        raise UserError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(NATIVE_SIZE)}")
-    args.img_size = args.img_size or NATIVE_SIZE[args.dataset]
-    args.patch_size = args.patch_size or NATIVE_PATCH.get(args.img_size, 16)
-    if args.blr is None:
-        args.blr = 1e-3 if args.finetune else 2e-3
-    for name in ("batch_size", "epochs", "synthetic_size", "bench_steps"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.workers is None:
-        args.workers = 8 if torch.cuda.is_available() and args.device != "cpu" else 0
-    if args.warmup_epochs < 0:
-        raise UserError(f"--warmup-epochs must be >= 0, got {args.warmup_epochs}")
-    if args.workers < 0:
-        raise UserError(f"--workers must be >= 0, got {args.workers}")
-    if args.output_dir is None:
-        args.output_dir = f"runs/{args.dataset}-{'finetune' if args.finetune else 'pretrain'}"
+# Flags that change nothing a run learns: they may differ on --resume. Every other flag is the run.
+FREE_ON_RESUME = {"resume", "output_dir", "data_dir", "val_dir", "workers", "device", "precision", "compile",
+                  "log_every", "knn_every", "knn_k", "knn_t"}
+PRETRAIN_ONLY = {"mask_ratio", "pos_mask_ratio", "sigma", "no_sigma_decay", "no_attentive", "tau",
+                 "decoder_dim", "decoder_depth", "decoder_heads", "knn_every", "knn_k", "knn_t"}
+FINETUNE_ONLY = {"layer_decay", "drop_path", "smoothing", "mixup", "cutmix"}
+BENCHMARK_ONLY = {"bench_steps", "bench_warmup"}
+ENCODER_SHAPE = ("img_size", "patch_size", "dim", "depth", "heads", "pos_embed")
+INF = math.inf
+LIMITS = {  # flag: (low, high, low allowed, high allowed); NaN fails every comparison, so it is refused too
+    "epochs": (1, INF, True, False), "batch_size": (1, INF, True, False), "synthetic_size": (1, INF, True, False),
+    "workers": (0, INF, True, False), "classes": (1, INF, True, False), "per_class": (1, INF, True, False),
+    "img_size": (1, INF, True, False), "patch_size": (1, INF, True, False), "dim": (1, INF, True, False),
+    "depth": (1, INF, True, False), "heads": (1, INF, True, False), "decoder_dim": (1, INF, True, False),
+    "decoder_depth": (1, INF, True, False), "decoder_heads": (1, INF, True, False),
+    "sigma": (0, INF, True, False), "blr": (0, INF, False, False), "min_lr": (0, INF, True, False),
+    "warmup_epochs": (0, INF, True, False), "weight_decay": (0, INF, True, False),
+    "clip_grad": (0, INF, True, False), "layer_decay": (0, 1, False, True), "drop_path": (0, 1, True, False),
+    "smoothing": (0, 1, True, False), "mixup": (0, INF, True, False), "cutmix": (0, INF, True, False),
+    "knn_every": (0, INF, True, False), "knn_k": (1, INF, True, False), "knn_t": (0, INF, False, False),
+    "log_every": (0, INF, True, False), "bench_steps": (1, INF, True, False), "bench_warmup": (0, INF, True, False),
+}
+# --recipe: the defaults a recipe gives, per mode, to the flags the user did not type (`complete_args`);
+# flags missing here keep the parser's default. laptop's are tuned for short CPU runs. paper's
+# pre-training ones are the official DropPos code's (main_pretrain.py, scripts/pretrain_base.sh: the
+# ViT-B decoder dec512d2b whatever the encoder), its fine-tuning ones DropPos's fine-tuning scripts,
+# which run MAE's recipe: no clipping, a floor under the cosine. Entries equal to the parser's
+# default are listed too, so each paper column reads as the whole recipe.
+RECIPES = {
+    "laptop": {"pretrain": dict(blr=2e-3), "finetune": dict(blr=1e-3)},
+    "paper": {"pretrain": dict(blr=1.5e-4, warmup_epochs=10.0, min_lr=0.0, weight_decay=0.05, clip_grad=5.0,
+                               decoder_dim=512, decoder_depth=2, decoder_heads=16),
+              "finetune": dict(blr=1e-3, warmup_epochs=5.0, min_lr=1e-6, weight_decay=0.05, clip_grad=0.0,
+                               layer_decay=0.75, drop_path=0.1, smoothing=0.1, mixup=0.8, cutmix=1.0)},
+}
+
+
+def parse_args(argv=None):
+    """The run's flags: the command line checked and completed or, with --resume, the flags the run
+    was started with plus the free ones given now."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = given_flags(parser, argv)
+    if args.resume:
+        args = resumed_args(parser, args, given)
+    else:
+        check_mode_flags(args, given)
+        complete_args(args, given)
+    check_ranges(args)
     return args
+
+
+def given_flags(parser, argv):
+    """The destinations of the flags actually typed (parsing again with every default suppressed)."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_mode_flags(args, given):
+    """Refuse flags that cannot apply to what was asked for, rather than ignore them."""
+    with_checkpoint = args.finetune not in (None, "scratch")
+    rules = [(FINETUNE_ONLY, not args.finetune, "applies only with --finetune"),
+             (BENCHMARK_ONLY, not args.benchmark, "applies only with --benchmark"),
+             (PRETRAIN_ONLY, bool(args.finetune), "does not apply with --finetune: it is pre-training's"),
+             ({"model"}, with_checkpoint, "does not apply with --finetune CHECKPOINT: the encoder's shape "
+                                          "comes from the checkpoint"),
+             ({"finetune"}, args.benchmark, "does not apply with --benchmark, which times pre-training")]
+    for flags, refused, why in rules:
+        bad = sorted(given & flags) if refused else []
+        if bad:
+            raise UserError(f"{flag(bad[0])} {why}")
+
+
+def complete_args(args, given):
+    """Fill the defaults that depend on other flags; a checkpoint to fine-tune decides the encoder."""
+    if args.finetune and args.finetune != "scratch":
+        take_encoder_shape(args, given)
+    if args.img_size is None:
+        args.img_size = DATASETS[args.dataset]
+    if args.patch_size is None:
+        args.patch_size = 4 if args.img_size == 32 else 16
+    for name, value in RECIPES[args.recipe]["finetune" if args.finetune else "pretrain"].items():
+        if name not in given:  # a typed flag wins over the recipe; --benchmark times pre-training
+            setattr(args, name, value)
+    if args.workers is None:
+        args.workers = default_workers(args.device)
+    if args.output_dir is None:
+        args.output_dir = str(Path("runs") / default_run_name(args))
+
+
+def default_workers(device):
+    return 8 if torch.cuda.is_available() and device != "cpu" else 0
+
+
+def default_run_name(args):
+    """Different runs get different default folders: fine-tuning from scratch, from one
+    pre-training run and from another never share one."""
+    if not args.finetune:
+        name = f"{args.dataset}-pretrain"
+    elif args.finetune == "scratch":
+        name = f"{args.dataset}-scratch"
+    else:
+        name = f"{Path(args.finetune).resolve().parent.name}-finetune"
+    return name + (f"-seed{args.seed}" if args.seed else "")
+
+
+def check_ranges(args):
+    for name, (lo, hi, lo_ok, hi_ok) in LIMITS.items():
+        v = getattr(args, name)
+        if v is None:
+            continue
+        if not ((v >= lo if lo_ok else v > lo) and (v <= hi if hi_ok else v < hi)):
+            allowed = (f"{'>=' if lo_ok else '>'} {lo}" if hi == INF else
+                       f"in {'[' if lo_ok else '('}{lo}, {hi}{']' if hi_ok else ')'}")
+            raise UserError(f"{flag(name)} must be {allowed}, got {v}")
 
 
 def model_config(args):
@@ -154,6 +299,181 @@ def model_config(args):
                 attentive=not args.no_attentive, tau=args.tau)
 
 
+# ============================================================================================
+# 2. The training loop
+# ============================================================================================
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        if args.benchmark:
+            benchmark(args)
+        else:
+            train(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args):
+    proc = start_processes(args)
+    data = Data(args, proc)
+    task = (Finetuning if args.finetune else Pretraining)(args, data, proc)
+    optimizer = make_optimizer(task.groups, task.betas, proc.device)
+    run = RunFolder(args, proc, task, optimizer, data)
+    if run.epoch == args.epochs:
+        return run.finish_complete_run()
+    net = task.model
+    if args.compile:
+        net = torch.compile(net)
+    if proc.world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[proc.local] if proc.device.type == "cuda" else None)
+    steps = data.stream.steps
+    total_steps, warmup_steps = steps * args.epochs, int(args.warmup_epochs * steps)
+    base_lr = args.blr * args.batch_size * proc.world / 256
+    clip_each = per_parameter_clip(args.recipe, task.mode)
+    log = run.open_log(total_steps)
+    log.header(f"{task.name} on {args.dataset}: {len(data.train)} images, {proc.world} process(es) on "
+               f"{proc.device}, {proc.precision}, {task.n_params() / 1e6:.2f}M parameters, lr {base_lr:.2e}, "
+               f"{steps} steps/epoch, {args.epochs} epochs, folder {run.folder}")
+
+    epoch, step, stopped = run.epoch, run.step, None
+    with StopRequest() as stop:
+        while epoch < args.epochs and not stopped:
+            task.model.train()
+            for step, (imgs, labels) in data.stream.epoch(epoch, start_step=step):
+                global_step = epoch * steps + step
+                lr = lr_at(global_step, total_steps, warmup_steps, base_lr, args.min_lr)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr * g["lr_scale"]
+                progress = global_step / total_steps
+                with autocast(proc):
+                    loss, acc = task.step(net, imgs, labels, progress)
+                optimizer_step(task.model, optimizer, loss, args.clip_grad, clip_each)
+                log.step(epoch, step + 1, loss, acc, len(imgs), lr, task.log_fields(progress))
+                stopped = stop.agreed(loss, proc)
+                if stopped:
+                    step += 1
+                    break
+            else:  # the epoch ran to its end: evaluate, summarise, save
+                epoch, step = epoch + 1, 0
+                results = task.evaluate(epoch == args.epochs or epoch % max(args.knn_every, 1) == 0)
+                log.epoch_summary(epoch, results, data.stream.left_out(proc))
+                run.save(epoch, 0)
+                task.write_outputs(run.folder)
+
+    if stopped == "interrupted":
+        run.save(epoch, step)
+        run.say(f"\ninterrupted: saved {run.checkpoint} in epoch {epoch + 1} after step {step}; continue with: "
+                f"python train.py --resume {run.folder}", err=True)
+        raise SystemExit(130)
+    if stopped == "non-finite":
+        raise UserError(f"the loss became non-finite in epoch {epoch + 1} at step {step}; stopped without "
+                        f"saving ({run.last_good()}). Lower --blr, or try --precision fp32")
+    run.say(f"run complete: {run.folder}")
+    return task.model
+
+
+# ============================================================================================
+# 3. Pre-training and fine-tuning: what differs between them, chosen once
+# ============================================================================================
+
+class Pretraining:
+    """DropPos: the model, its optimiser settings, its step, the k-NN monitor, and what a
+    pre-training run leaves behind besides its checkpoint (encoder.pt, reassembly.png)."""
+
+    name, mode, betas, acc_name = "pre-training", "pretrain", (0.9, 0.95), "pos-acc"
+
+    def __init__(self, args, data, proc):
+        self.args, self.data, self.proc = args, data, proc
+        torch.manual_seed(args.seed)  # the same initial weights on every process
+        self.model = build_droppos(model_config(args)).to(proc.device)
+        self.groups = param_groups(self.model, args.weight_decay, no_decay=no_decay_rule(args.recipe, self.mode))
+        self.vis_imgs = data.picture_images() if proc.rank == 0 else None
+
+    def sigma(self, progress):
+        return sigma_at(self.args.sigma, progress, decay=not self.args.no_sigma_decay)
+
+    def step(self, net, imgs, labels, progress):  # -> loss, position accuracy
+        out = net(imgs, self.sigma(progress))
+        return out.loss, out.acc
+
+    def log_fields(self, progress):
+        return {"sigma": self.sigma(progress)}
+
+    def evaluate(self, due):
+        """k-NN top-1 on held-out images, every --knn-every epochs and at the end."""
+        if not (due and self.args.knn_every and self.data.held_out is not None):
+            return {}
+        return {"knn_top1": run_knn(self.model.encoder, self.data, self.args, self.proc)}
+
+    def write_outputs(self, folder, only_broken=False):
+        """encoder.pt (timm's key names) and reassembly.png; with only_broken, just those that are
+        missing or unreadable.  -> names written."""
+        if self.proc.rank != 0:
+            return []
+        written = []
+        enc = folder / "encoder.pt"
+        if not (only_broken and readable_state(enc, self.model.encoder.state_dict().keys())):
+            atomic_write(enc, lambda f: torch.save(self.model.encoder.state_dict(), f))
+            written.append(enc.name)
+        png = folder / "reassembly.png"
+        if self.vis_imgs is not None and not (only_broken and readable_png(png)):
+            save_reassembly(self.model, self.vis_imgs, png, self.proc)
+            written.append(png.name)
+        return written
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def n_params(self):
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+
+class Finetuning(Pretraining):
+    """A classifier on the pre-trained (or a random) encoder: MAE's fine-tuning recipe, layer-wise
+    lr decay, MixUp/CutMix, label smoothing, and top-1 on the held-out images every epoch."""
+
+    name, mode, betas, acc_name = "fine-tuning", "finetune", (0.9, 0.999), "train top-1"
+
+    def __init__(self, args, data, proc):
+        self.args, self.data, self.proc = args, data, proc
+        torch.manual_seed(args.seed)
+        self.model = build_classifier(args, data.num_classes).to(proc.device)
+        depth = len(self.model.encoder.blocks)
+        self.groups = param_groups(self.model, args.weight_decay,
+                                   lambda n: args.layer_decay ** (depth + 1 - layer_id(n, depth)),
+                                   no_decay=no_decay_rule(args.recipe, self.mode))
+        self.mix = batch_mixer(args, data.num_classes)
+        self.best = 0.0
+
+    def step(self, net, imgs, labels, progress):  # -> loss, training top-1
+        return classification_step(net, imgs, labels, self.mix, self.args.smoothing, self.data.num_classes)
+
+    def log_fields(self, progress):
+        return {}
+
+    def evaluate(self, due):
+        top1 = evaluate_classifier(self.model, self.data, self.args, self.proc)
+        self.best = max(self.best, top1)
+        return {"test_top1": top1, "best_top1": self.best}
+
+    def write_outputs(self, folder, only_broken=False):
+        return []  # the classifier lives in checkpoint.pt
+
+    def state_dict(self):
+        return {"best": self.best}
+
+    def load_state_dict(self, state):
+        self.best = state["best"]
+
+
 def build_droppos(cfg):
     try:
         return DropPos(**cfg)
@@ -161,21 +481,354 @@ def build_droppos(cfg):
         raise UserError(str(e)) from None
 
 
+class Classifier(nn.Module):
+    """The ViT with a fine-tuning head: average of the patch tokens, LayerNorm, linear.
+
+    mae_head (--recipe paper) pools the last block's tokens without the encoder's final norm, as
+    MAE's global-pool head (models_vit.py) does, which deletes that norm. Ours stays so that the
+    pre-trained state dict loads; it is frozen instead: unused, it would get no gradient (which
+    DistributedDataParallel refuses), and frozen it stays out of the optimiser's groups.
+    """
+
+    def __init__(self, encoder, num_classes, mae_head=False):
+        super().__init__()
+        self.encoder, self.mae_head = encoder, mae_head
+        self.fc_norm = nn.LayerNorm(encoder.dim, eps=1e-6)
+        self.head = nn.Linear(encoder.dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE: a near-zero head keeps early steps stable
+        nn.init.zeros_(self.head.bias)
+        if mae_head:
+            encoder.norm.requires_grad_(False)
+
+    def forward(self, imgs):  # (B, C, H, W) -> (B, classes)
+        tokens = self.encoder.forward_features(imgs, final_norm=not self.mae_head)
+        return self.head(self.fc_norm(tokens[:, 1:].mean(1)))
+
+
+def build_classifier(args, num_classes):
+    """The encoder the pre-training run was trained with (its shape is in args by now, see
+    `take_encoder_shape`), its weights loaded, under a fresh head. On --resume the weights come
+    from the fine-tuning checkpoint instead."""
+    cfg = model_config(args)
+    try:
+        encoder = ViT(cfg["img_size"], cfg["patch_size"], 3, cfg["dim"], cfg["depth"], cfg["heads"],
+                      cfg["pos_embed"], drop_path=args.drop_path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.finetune != "scratch" and not args.resume:
+        load_state(encoder, encoder_state(load_checkpoint(args.finetune)), f"pre-trained encoder {args.finetune!r}")
+    return Classifier(encoder, num_classes, mae_head=args.recipe == "paper")
+
+
+def encoder_state(state):
+    """The encoder's tensors from a pre-training checkpoint.pt, or an encoder.pt as it is."""
+    if isinstance(state, dict) and "model" in state:
+        return {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
+    return state
+
+
+def take_encoder_shape(args, given):
+    """Fine-tuning uses the encoder the checkpoint was trained with: its sizes, patch and kind of
+    position embedding go into args. A checkpoint.pt records its run's flags; from a bare
+    encoder.pt the tensors tell all but the number of heads."""
+    state = load_checkpoint(args.finetune)
+    if isinstance(state, dict) and "args" in state and "model" in state:
+        if state.get("mode") != "pretrain":
+            raise UserError(f"{args.finetune!r} is a fine-tuning checkpoint; fine-tune from a pre-training "
+                            f"run's checkpoint.pt or encoder.pt")
+        saved = argparse.Namespace(**state["args"])
+        shape = {k: v for k, v in model_config(saved).items() if k in ENCODER_SHAPE}
+    else:
+        shape = shape_of_encoder(state, args.finetune)
+    for key in ENCODER_SHAPE:
+        mine = getattr(args, key)
+        if shape[key] is None:  # heads, from an encoder.pt
+            if key not in given:
+                raise UserError(f"{args.finetune!r} does not record the number of attention heads; pass "
+                                f"--heads (the run's checkpoint.pt records it)")
+            continue
+        if key in given and mine != shape[key]:
+            raise UserError(f"{flag(key)} {mine} differs from the encoder in {args.finetune!r} ({shape[key]}): "
+                            f"fine-tuning uses the encoder as it was pre-trained; drop the flag")
+        setattr(args, key, shape[key])
+
+
+def shape_of_encoder(state, path):
+    """img_size, patch_size, dim, depth, pos_embed of an encoder.pt's tensors; heads None."""
+    try:
+        if not isinstance(state, dict):
+            raise TypeError
+        proj, pos = state["patch_embed.proj.weight"], state["pos_embed"]  # (D, C, p, p), (1, 1+N, D)
+        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+        dim, p, n = proj.shape[0], proj.shape[-1], pos.shape[1] - 1
+    except (KeyError, TypeError, AttributeError, IndexError):
+        raise UserError(f"{path!r} is neither a pre-training checkpoint nor an encoder state dict "
+                        f"(no patch_embed.proj.weight / pos_embed)") from None
+    side = math.isqrt(n)
+    if side * side != n or dim % 4:
+        raise UserError(f"{path!r}: cannot tell the image size of a {n}-patch encoder; fine-tune from its "
+                        f"run's checkpoint.pt")
+    fixed = torch.allclose(pos[0, 1:].float(), sincos_pos_embed(dim, (side, side)), atol=1e-5)
+    return {"img_size": side * p, "patch_size": p, "dim": dim, "depth": depth, "heads": None,
+            "pos_embed": "sincos" if fixed else "learnable"}
+
+
+def batch_mixer(args, num_classes):
+    """MixUp / CutMix (torchvision v2), one of them per batch; None when both are off."""
+    mixers = []
+    if args.mixup > 0:
+        mixers.append(v2.MixUp(alpha=args.mixup, num_classes=num_classes))
+    if args.cutmix > 0:
+        mixers.append(v2.CutMix(alpha=args.cutmix, num_classes=num_classes))
+    return v2.RandomChoice(mixers) if mixers else None
+
+
+def classification_step(net, imgs, labels, mix, smoothing, num_classes):
+    """Soft-target cross-entropy on (optionally) mixed images with label smoothing.  -> loss, top-1."""
+    if mix is not None:
+        imgs, target = mix(imgs, labels)
+    else:
+        target = F.one_hot(labels, num_classes).float()
+    target = target * (1 - smoothing) + smoothing / num_classes
+    logits = net(imgs)
+    loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    acc = (logits.argmax(-1) == labels).float().mean()
+    return loss, acc
+
+
 # ============================================================================================
-# Devices, precision, processes
+# 4. The run folder: its identity, whole files, checkpoints and exact resume
 # ============================================================================================
 
-def setup_distributed():
-    """(rank, world size, local rank); starts the process group when run under torchrun."""
+def resumed_args(parser, args, given):
+    """The flags a run was started with, from its checkpoint; a typed flag that would change the
+    run is refused by name, the free ones (FREE_ON_RESUME) replace the saved ones."""
+    path = checkpoint_path(args.resume)
+    ck = load_training_checkpoint(path)
+    saved = dict(vars(build_parser().parse_args([])), **ck["args"])
+    for name in sorted(given - FREE_ON_RESUME):
+        if getattr(args, name) != saved[name]:
+            raise UserError(f"{flag(name)} would change the run in {str(path.parent)!r}: it was started with "
+                            f"{saved[name]!r}, you gave {getattr(args, name)!r}. Drop the flag to continue the "
+                            f"run as it was, or start a new run with another --output-dir")
+    merged = argparse.Namespace(**saved)
+    for name in given & FREE_ON_RESUME:
+        setattr(merged, name, getattr(args, name))
+    if "output_dir" in given and Path(args.output_dir).resolve() != path.parent.resolve():
+        raise UserError(f"--resume continues the run in its own folder {str(path.parent)!r}; drop --output-dir")
+    if "workers" not in given:
+        merged.workers = default_workers(merged.device)
+    merged.output_dir, merged.resume = str(path.parent), str(path)
+    return merged
+
+
+def checkpoint_path(resume):
+    path = Path(resume)
+    return path / "checkpoint.pt" if path.is_dir() else path
+
+
+def load_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle garbage, foreign objects: all unusable alike
+        raise UserError(f"checkpoint {str(path)!r} is corrupt, truncated or not a checkpoint "
+                        f"({type(e).__name__})") from None
+
+
+def load_training_checkpoint(path):
+    ck = load_checkpoint(path)
+    keys = ("mode", "args", "model", "optimizer", "epoch", "step_in_epoch", "ranks", "metrics_rows", "n_train")
+    if not isinstance(ck, dict) or not all(k in ck for k in keys):
+        raise UserError(f"checkpoint {str(path)!r} is not a training checkpoint of this version of train.py")
+    return ck
+
+
+def load_state(module, state, what):
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
+        raise UserError(f"{what} does not match this model: {detail}") from None
+
+
+def atomic_write(path, write):
+    """Write a file whole or not at all: a temporary file beside it, flushed and fsync'ed, then
+    renamed over it. A kill or a full disk leaves the previous version intact."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {str(path)!r}: {e.strerror or e}; the previous version, if any, is "
+                        f"intact") from None
+
+
+def readable_state(path, keys):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True).keys() == keys
+    except Exception:
+        return False
+
+
+def readable_png(path):
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:
+        return False
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate((3, tuple(s["python"]), None))
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class RunFolder:
+    """Everything exact resume needs, in one place. A new run claims a folder that holds no run;
+    a resumed one restores model, optimiser, epoch, step, every process's RNG state and running
+    sums, and cuts metrics.jsonl back to the rows its checkpoint had seen."""
+
+    def __init__(self, args, proc, task, optimizer, data):
+        self.args, self.proc, self.task, self.optimizer, self.data = args, proc, task, optimizer, data
+        self.folder = Path(args.output_dir)
+        self.checkpoint = self.folder / "checkpoint.pt"
+        self.epoch, self.step, self.rows, self.sums = 0, 0, 0, None
+        if args.resume:
+            self.restore(Path(args.resume))
+        elif proc.rank == 0:
+            self.claim()
+        torch.manual_seed(args.seed + proc.rank)  # masking differs per process, data order is shared
+        random.seed(args.seed + proc.rank)
+        if args.resume:
+            set_rng_state(self.rng)
+
+    def claim(self):
+        f = self.folder
+        if f.exists() and not f.is_dir():
+            raise UserError(f"--output-dir {str(f)!r} is a file, not a folder")
+        if (f / "metrics.jsonl").exists() and not (f / "checkpoint.pt").exists():
+            raise UserError(f"{str(f)!r} holds the log of a run that stopped before its first checkpoint; "
+                            f"delete the folder or choose another --output-dir")
+        if any((f / name).exists() for name in RUN_FILES):
+            raise UserError(f"{str(f)!r} already holds a run; continue it with `python train.py --resume {f}`, "
+                            f"or start over in another --output-dir (or delete the folder first)")
+        try:
+            f.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the output folder {str(f)!r}: {e.strerror or e}") from None
+        probe = f / ".write-test"
+        atomic_write(probe, lambda fh: fh.write(b"ok"))  # read-only or full: say so before training
+        probe.unlink()
+
+    def restore(self, path):
+        ck = load_training_checkpoint(path)
+        args, task = self.args, self.task
+        if ck["mode"] != task.mode:
+            raise UserError(f"checkpoint {str(path)!r} is from {ck['mode']}, not {task.mode}")
+        if len(ck["ranks"]) != self.proc.world:
+            raise UserError(f"the run in {str(self.folder)!r} used {len(ck['ranks'])} process(es); resume it "
+                            f"with as many (torchrun --nproc_per_node={len(ck['ranks'])})")
+        if ck["n_train"] != len(self.data.train):
+            raise UserError(f"the run in {str(self.folder)!r} trained on {ck['n_train']} images, but "
+                            f"{len(self.data.train)} are there now; check --data-dir")
+        load_state(task.model, ck["model"], f"checkpoint {str(path)!r}")
+        try:
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"checkpoint {str(path)!r}: optimiser state does not match ({e})") from None
+        task.load_state_dict(ck.get("task", {}))
+        self.epoch, self.step, self.rows = ck["epoch"], ck["step_in_epoch"], ck["metrics_rows"]
+        mine = ck["ranks"][self.proc.rank]
+        self.rng, self.sums = mine["rng"], mine["sums"]
+        if self.proc.rank == 0 and self.epoch < args.epochs:
+            print(f"resumed {str(self.folder)!r} at epoch {self.epoch + 1} step {self.step} "
+                  f"({args.epochs} epochs in all)", flush=True)
+
+    def open_log(self, total_steps):
+        """The run's Logger, continuing its metrics.jsonl and running sums (a checkpoint saves both)."""
+        self.log = Logger(self.folder / "metrics.jsonl", self.rows, self.proc, self.args.log_every,
+                          self.data.stream.steps, total_steps, self.epoch * self.data.stream.steps + self.step,
+                          self.sums, self.task.acc_name)
+        return self.log
+
+    def save(self, epoch, step):
+        """checkpoint.pt for (completed epochs, steps into the next); every process takes part."""
+        mine = {"rng": rng_state(), "sums": self.log.epoch_sums.tolist()}
+        ranks = [mine]
+        if self.proc.world > 1:
+            ranks = [None] * self.proc.world
+            dist.all_gather_object(ranks, mine)
+        failed = None
+        if self.proc.rank == 0:
+            self.log.sync()
+            state = {"mode": self.task.mode, "args": dict(vars(self.args), resume=None), "n_train": len(self.data.train),
+                     "model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "epoch": epoch, "step_in_epoch": step, "ranks": ranks, "task": self.task.state_dict(),
+                     "metrics_rows": self.log.rows}
+            try:
+                atomic_write(self.checkpoint, lambda f: torch.save(state, f))
+            except UserError as e:
+                failed = e
+        if agree(failed is not None, self.proc):  # every process stops when the write failed
+            raise failed or UserError(f"rank 0 could not write {str(self.checkpoint)!r}")
+
+    def last_good(self):
+        return (f"the last good checkpoint is {self.checkpoint}" if self.checkpoint.exists()
+                else "no checkpoint was written yet")
+
+    def finish_complete_run(self):
+        """Resuming a finished run: check what it left behind, rewrite what is missing or unreadable."""
+        rewritten = self.task.write_outputs(self.folder, only_broken=True)
+        self.open_log(0)  # cuts metrics.jsonl back to the rows the final checkpoint had seen
+        self.say(f"the run in {self.folder} is complete ({self.args.epochs} epochs)"
+                 + (f"; rewrote {', '.join(rewritten)}" if rewritten else "; its files are intact"))
+        return self.task.model
+
+    def say(self, line, err=False):
+        if self.proc.rank == 0:
+            print(line, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+# ============================================================================================
+# 5. Processes and devices: torchrun, precision, stopping together
+# ============================================================================================
+
+class Proc(NamedTuple):
+    """This process: rank and world size under torchrun (0 and 1 alone), device, precision."""
+    rank: int
+    world: int
+    local: int
+    device: torch.device
+    precision: str
+
+
+def start_processes(args):
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1, 0
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local)
-    dist.init_process_group(backend)
-    return dist.get_rank(), world, local
+    rank, local = 0, 0
+    if world > 1:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend)
+        rank = dist.get_rank()
+    device = pick_device(args.device, local)
+    return Proc(rank, world, local, device, pick_precision(args.precision, device))
 
 
 def pick_device(name, local_rank):
@@ -184,36 +837,6 @@ def pick_device(name, local_rank):
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
-
-
-def matmul_flops(device, dtype, max_n=None, budget_s=0.3):
-    """Measured FLOP/s of large square matmuls: the peak a training step can hope for."""
-    max_n = max_n or (8192 if device.type == "cuda" else 2048)
-    n, per_call = 256, 0.0
-    while True:  # grow the size until one product takes long enough to time, or is large
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        per_call = _time(lambda: a @ b, device, reps=1)
-        if per_call > 0.02 or n >= max_n:
-            break
-        n *= 2
-    reps = max(1, int(budget_s / max(per_call, 1e-6)))
-    return 2 * n ** 3 / _time(lambda: a @ b, device, reps)
-
-
-def _time(fn, device, reps):
-    fn()
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t) / reps
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def pick_precision(name, device):
@@ -228,15 +851,81 @@ def pick_precision(name, device):
     return "bf16" if fast else "fp32"
 
 
-def autocast(device, precision):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+def autocast(proc):
+    if proc.precision == "bf16":
+        return torch.autocast(proc.device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
+def agree(flag, proc):
+    """Whether any process raised `flag`: one tiny all_reduce, so all of them decide alike."""
+    if proc.world == 1:
+        return bool(flag)
+    t = torch.tensor([float(flag)], device=proc.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0
+
+
+class StopRequest:
+    """Ctrl-C and SIGTERM only set a flag, so a run stops between two steps, never half-way through
+    an update; a second one quits at once without saving."""
+
+    def __enter__(self):
+        self.signalled = False
+        self.old = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *_):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+    def on_signal(self, *_):
+        if self.signalled:
+            print("\ninterrupted twice: quit without saving", file=sys.stderr, flush=True)
+            raise SystemExit(130)
+        self.signalled = True
+
+    def agreed(self, loss, proc):
+        """'non-finite', 'interrupted' or None, the same on every process after the same step. It
+        reads one number per step from the device: the price of never leaving a process behind."""
+        bad = ~torch.isfinite(loss.detach())
+        status = torch.stack([bad.float(), torch.tensor(float(self.signalled), device=loss.device)])
+        if proc.world > 1:
+            dist.all_reduce(status, op=dist.ReduceOp.MAX)
+        bad, sig = status.tolist()
+        return "non-finite" if bad else "interrupted" if sig else None
+
+
 # ============================================================================================
-# Data
+# 6. Data
 # ============================================================================================
+
+class Data:
+    """The training stream, the held-out images (None where there are none), the class count."""
+
+    def __init__(self, args, proc):
+        self.train, self.held_out, self.num_classes = load_datasets(args)
+        if len(self.train) < args.batch_size * proc.world:
+            raise UserError(f"the training set has {len(self.train)} images, fewer than one batch "
+                            f"({args.batch_size} × {proc.world} processes); lower --batch-size")
+        self.args = args
+        self.stream = TrainStream(self.train, args, proc.rank, proc.world, bool(args.finetune), proc.device)
+
+    def picture_images(self):
+        """The first 8 held-out images that can be read, for reassembly.png."""
+        if self.held_out is None:
+            return None
+        tf, imgs = eval_transform(self.args.img_size, eval_crop_pct(self.args)), []
+        for i in range(len(self.held_out)):
+            img = self.held_out[i][0]
+            if isinstance(img, str):
+                warn_unreadable([img])
+            else:
+                imgs.append(tf(img))
+            if len(imgs) == 8:
+                break
+        return torch.stack(imgs) if imgs else None
+
 
 def mix_seed(*parts):
     """One 63-bit seed from several integers, different for different tuples in practice."""
@@ -256,6 +945,7 @@ class SyntheticImages(Dataset):
 
     def __init__(self, n, size, seed=0):
         self.n, self.size, self.seed = n, size, seed
+        self.targets = [i % self.num_classes for i in range(n)]
 
     def __len__(self):
         return self.n
@@ -275,10 +965,39 @@ class SyntheticImages(Dataset):
         return v2.functional.to_pil_image(img.clamp(0, 1)), label
 
 
+def open_image(path):
+    """ImageFolder's loader: the image as RGB or, when it cannot be decoded (truncated, empty, not
+    an image), its path, so that the batch goes on without it and the warning can name it."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return str(path)
+
+
+_warned = set()
+
+
+def warn_unreadable(paths):
+    for p in paths:
+        if p not in _warned:
+            _warned.add(p)
+            print(f"warning: skipped unreadable image {p}", file=sys.stderr, flush=True)
+
+
+def collate_readable(batch):
+    """default_collate of the readable images.  -> images, labels, paths of the unreadable ones."""
+    bad = [x for x, _ in batch if isinstance(x, str)]
+    good = [item for item in batch if not isinstance(item[0], str)]
+    if not good:
+        return None, None, bad
+    return (*default_collate(good), bad)
+
+
 class SeededTransform(Dataset):
     """Applies random augmentation seeded by (seed, epoch, index): an image's crop does not depend
-    on the number of workers or on where in the epoch a resumed run starts, which is what lets
-    --resume reproduce an uninterrupted run exactly."""
+    on the number of workers or on where in the epoch a resumed run starts. It seeds only the CPU
+    generator, inside a fork that restores it: the global CPU and CUDA streams stay untouched."""
 
     def __init__(self, base, transform, seed):
         self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
@@ -288,8 +1007,10 @@ class SeededTransform(Dataset):
 
     def __getitem__(self, i):
         img, label = self.base[i]
+        if isinstance(img, str):  # unreadable: its path travels on to the warning
+            return img, label
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(self.seed, self.epoch, i))
+            torch.default_generator.manual_seed(mix_seed(self.seed, self.epoch, i))
             return self.transform(img), label
 
 
@@ -298,66 +1019,140 @@ def crop_scale(finetune):
     return (0.08 if finetune else 0.2, 1.0)
 
 
-def train_transform(size, finetune=False):
+def train_transform(size, finetune=False, mae_augment=False):
+    """Per-image augmentation, PIL image -> normalised float (3, size, size): RandomResizedCrop + flip.
+
+    mae_augment (fine-tuning, --recipe paper) is MAE's build_transform, i.e. timm's create_transform
+    with 'rand-m9-mstd0.5-inc1' and RandomErasing 'pixel': RandAugment on the PIL image after the
+    flip, as timm orders them, and after normalising, RandomErasing with p 0.25 and per-pixel N(0, 1)
+    values (area 2 %-1/3, aspect 0.3-1/0.3). No colour jitter: timm turns it off under RandAugment.
+    """
+    crop = v2.RandomResizedCrop(size, scale=crop_scale(finetune), interpolation=v2.InterpolationMode.BICUBIC,
+                                antialias=True)
+    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    if not mae_augment:
+        return v2.Compose([v2.ToImage(), crop, v2.RandomHorizontalFlip(), *to_float])
+    return v2.Compose([crop, v2.RandomHorizontalFlip(), NoisyRandAugment(), v2.ToImage(), *to_float,
+                       v2.RandomErasing(p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value="random")])
+
+
+class NoisyRandAugment(nn.Module):
+    """timm's RandAugment 'rand-m9-mstd0.5-inc1' (MAE's --aa) built on torchvision's RandAugment ops.
+
+    As timm: `num_ops` ops drawn with replacement, each applied with probability `op_prob`, each at
+    its own level drawn from N(magnitude, magnitude_std) clipped to [0, 10] (level m = m/10 of the
+    op's maximum), the ImageNet mean as fill colour, bicubic on PIL images (bilinear on tensors,
+    the best torchvision offers there). Levels are rounded to tenths. Every draw comes from torch's
+    RNG, so `SeededTransform` replays it. Unlike timm's 'inc1' set, torchvision's ops include
+    Identity and lack Invert and SolarizeAdd, and Posterize keeps 8 -> 4 bits (timm 4 -> 0).
+    """
+
+    LEVELS = 10  # timm's magnitude scale
+
+    def __init__(self, num_ops=2, magnitude=9.0, magnitude_std=0.5, op_prob=0.5,
+                 fill=tuple(round(255 * m) for m in MEAN)):
+        super().__init__()
+        self.num_ops, self.magnitude, self.magnitude_std, self.op_prob = num_ops, magnitude, magnitude_std, op_prob
+        bins = 10 * self.LEVELS + 1  # bin k: level k/10
+        self.pil_op = v2.RandAugment(num_ops=1, num_magnitude_bins=bins, fill=list(fill),
+                                     interpolation=v2.InterpolationMode.BICUBIC)
+        self.tensor_op = v2.RandAugment(num_ops=1, num_magnitude_bins=bins, fill=list(fill),
+                                        interpolation=v2.InterpolationMode.BILINEAR)
+
+    def sample_bin(self):
+        """One op's magnitude bin: a level from N(magnitude, std), clipped to [0, 10], in tenths."""
+        level = (self.magnitude + self.magnitude_std * torch.randn(())).clamp(0, self.LEVELS)
+        return int(torch.round(level * 10))
+
+    def forward(self, img):
+        op = self.pil_op if isinstance(img, Image.Image) else self.tensor_op
+        for _ in range(self.num_ops):
+            if torch.rand(()) < self.op_prob:
+                op.magnitude = self.sample_bin()
+                img = op(img)
+        return img
+
+
+def eval_crop_pct(args):
+    """Share of the resized image that evaluation keeps: the whole square (laptop), or MAE's 224/256
+    up to 224 px (paper), so 224 px images are resized to 256 and lose their border, as ImageNet
+    evaluation does."""
+    return 224 / 256 if args.recipe == "paper" and args.img_size <= 224 else 1.0
+
+
+def eval_transform(size, crop_pct=1.0):
+    """Resize the shorter side to int(size / crop_pct) (bicubic), centre-crop size×size, normalise."""
     return v2.Compose([v2.ToImage(),
-                       v2.RandomResizedCrop(size, scale=crop_scale(finetune),
-                                            interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                       v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(MEAN, STD)])
-
-
-def eval_transform(size):
-    return v2.Compose([v2.ToImage(), v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                       v2.Resize(int(size / crop_pct), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                        v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 
 def load_datasets(args):
-    """(train, held_out, num_classes), untransformed; held_out is None where there is none."""
+    """(train, held_out, num_classes), untransformed, cut to --classes / --per-class."""
     if args.dataset == "synthetic":
-        return (SyntheticImages(args.synthetic_size, args.img_size, args.seed),
-                SyntheticImages(max(args.synthetic_size // 5, 10), args.img_size, args.seed + 1), 10)
-    if args.dataset in ("cifar10", "cifar100"):
-        cls = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
-        name = "cifar-10-python.tar.gz" if args.dataset == "cifar10" else "cifar-100-python.tar.gz"
-        try:
-            train = cls(args.data_dir, train=True, download=True)
-            test = cls(args.data_dir, train=False, download=True)
-        except Exception as e:  # network, disk or archive: all end the same way for the user
-            why = str(e).splitlines()[0] if str(e) else ""
-            raise UserError(f"could not get {args.dataset} into {args.data_dir!r} ({type(e).__name__}: {why}). "
-                            f"Download {name} from https://www.cs.toronto.edu/~kriz/cifar.html and put it in "
-                            f"{args.data_dir!r} (or pass --data-dir), or use --dataset synthetic, which works "
-                            f"offline") from None
-        return train, test, len(train.classes)
-    return load_imagefolder(args)
+        train = SyntheticImages(args.synthetic_size, args.img_size, args.seed)
+        held_out = SyntheticImages(max(args.synthetic_size // 5, 10), args.img_size, args.seed + 1)
+    elif args.dataset in ("cifar10", "cifar100"):
+        train, held_out = load_cifar(args)
+    else:
+        train, held_out = load_imagefolder(args)
+    num_classes = len(set(targets_of(train)))
+    if args.classes:
+        num_classes = min(num_classes, args.classes)
+    keep = take_classes(targets_of(train), args.classes, args.per_class)
+    if held_out is None:  # a deterministic hold-out: every 10th kept image
+        held_out, keep = Subset(train, keep[::10]), [i for j, i in enumerate(keep) if j % 10]
+    else:
+        held_out = Subset(held_out, take_classes(targets_of(held_out), args.classes, None))
+    if len(held_out) == 0:
+        raise UserError("the held-out set has no images of the kept classes (--val-dir, --classes)")
+    return Subset(train, keep), held_out, num_classes
+
+
+def targets_of(ds):
+    return ds.targets if hasattr(ds, "targets") else [c for _, c in ds.samples]
+
+
+def take_classes(targets, classes, per_class):
+    """Indices of the images of the first `classes` classes, at most `per_class` each, in order."""
+    keep, seen = [], {}
+    for i, c in enumerate(targets):
+        if (classes is None or c < classes) and seen.get(c, 0) < (per_class or INF):
+            seen[c] = seen.get(c, 0) + 1
+            keep.append(i)
+    return keep
+
+
+def load_cifar(args):
+    cls = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
+    name = "cifar-10-python.tar.gz" if args.dataset == "cifar10" else "cifar-100-python.tar.gz"
+    try:
+        return cls(args.data_dir, train=True, download=True), cls(args.data_dir, train=False, download=True)
+    except Exception as e:  # network, disk or archive: all end the same way for the user
+        why = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"could not get {args.dataset} into {args.data_dir!r} ({type(e).__name__}: {why}). "
+                        f"Download {name} from https://www.cs.toronto.edu/~kriz/cifar.html and put it in "
+                        f"{args.data_dir!r} (or pass --data-dir), or use --dataset synthetic, which works "
+                        f"offline") from None
 
 
 def load_imagefolder(args):
-    root = Path(args.data_dir)
-    if not root.is_dir():
-        raise UserError(f"data folder {str(root)!r} does not exist (--data-dir)")
-    try:
-        full = torchvision.datasets.ImageFolder(str(root))
-    except (FileNotFoundError, RuntimeError) as e:
-        raise UserError(f"data folder {str(root)!r} holds no images in class sub-folders ({e})") from None
-    classes = full.classes[: args.classes] if args.classes else full.classes
-    keep, seen = [], {}
-    for i, (_, c) in enumerate(full.samples):
-        if c < len(classes) and seen.get(c, 0) < (args.per_class or float("inf")):
-            seen[c] = seen.get(c, 0) + 1
-            keep.append(i)
-    if args.val_dir:
-        val_root = Path(args.val_dir)
-        if not val_root.is_dir():
-            raise UserError(f"validation folder {str(val_root)!r} does not exist (--val-dir)")
-        val = torchvision.datasets.ImageFolder(str(val_root))
-        if val.classes[: len(classes)] != classes:
-            raise UserError(f"--val-dir classes {val.classes[:5]}... differ from --data-dir classes {classes[:5]}...")
-        val = Subset(val, [i for i, (_, c) in enumerate(val.samples) if c < len(classes)])
-        return Subset(full, keep), val, len(classes)
-    # Deterministic hold-out: every 10th kept image.
-    return Subset(full, [i for j, i in enumerate(keep) if j % 10]), \
-        Subset(full, [i for j, i in enumerate(keep) if j % 10 == 0]), len(classes)
+    def folder(path, option):
+        if not Path(path).is_dir():
+            raise UserError(f"{option} folder {str(path)!r} does not exist")
+        try:
+            return torchvision.datasets.ImageFolder(str(path), loader=open_image)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise UserError(f"{option} folder {str(path)!r} holds no images in class sub-folders ({e})") from None
+
+    train = folder(args.data_dir, "--data-dir")
+    if not args.val_dir:
+        return train, None
+    val = folder(args.val_dir, "--val-dir")
+    n = len(train.classes) if args.classes is None else args.classes
+    if val.classes[:n] != train.classes[:n]:
+        raise UserError(f"--val-dir classes {val.classes[:5]}... differ from --data-dir classes {train.classes[:5]}...")
+    return train, val
 
 
 class SkipSampler(torch.utils.data.Sampler):
@@ -379,23 +1174,33 @@ class SkipSampler(torch.utils.data.Sampler):
 
 
 def decode_in_memory(dataset, size, limit_bytes=2 ** 31):
-    """A CIFAR-size training set as one uint8 tensor (M, 3, size, size) and its labels (M,).
+    """A CIFAR-size training set as one uint8 tensor (M, 3, size, size), its labels (M,) and the
+    paths of the images that could not be read (left out, and named in a warning).
 
     None when the images are larger than 64 px, not already size×size, or would fill more than
     2 GiB: such photos are cropped one by one from their full resolution instead.
     """
     if size > 64 or len(dataset) * 3 * size * size > limit_bytes:
         return None
-    if isinstance(dataset, torchvision.datasets.CIFAR10):  # CIFAR-100 too: it subclasses CIFAR-10
-        return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(dataset.targets)
+    base, idx = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, range(len(dataset)))
+    if isinstance(base, torchvision.datasets.CIFAR10):  # CIFAR-100 too: it subclasses CIFAR-10
+        idx = torch.as_tensor(list(idx), dtype=torch.long)
+        return (torch.from_numpy(base.data).permute(0, 3, 1, 2)[idx].contiguous(),
+                torch.tensor(base.targets)[idx], [])
     images = torch.empty(len(dataset), 3, size, size, dtype=torch.uint8)
     labels = torch.empty(len(dataset), dtype=torch.long)
+    n, bad = 0, []
     for i in range(len(dataset)):
-        img, labels[i] = dataset[i]
+        img, label = dataset[i]
+        if isinstance(img, str):
+            bad.append(img)
+            continue
         if img.size != (size, size):
             return None
-        images[i] = v2.functional.pil_to_tensor(img)
-    return images, labels
+        images[n], labels[n] = v2.functional.pil_to_tensor(img), label
+        n += 1
+    warn_unreadable(bad)
+    return images[:n], labels[:n], bad
 
 
 def random_crop_boxes(n, height, width, scale, generator, ratio=(3 / 4, 4 / 3), tries=10):
@@ -467,69 +1272,136 @@ class TrainStream:
     CIFAR-size sets are decoded once into memory and each batch is augmented in one resampling
     call on the device (~1 ms of PIL work per image saved); photos are cropped one by one from
     their full resolution by `SeededTransform`. Both seed the augmentation by (seed, epoch, batch
-    or image), so a resumed run sees exactly the crops of an uninterrupted one.
+    or image), so a resumed run sees exactly the crops of an uninterrupted one. Unreadable images
+    are left out with a warning that names them, and counted.
     """
 
     def __init__(self, train_set, args, rank, world, finetune, device):
         self.size, self.seed, self.rank, self.device = args.img_size, args.seed, rank, device
         self.scale = crop_scale(finetune)
-        stored = decode_in_memory(train_set, args.img_size)
+        # augment_batch can crop and flip but not RandAugment or RandomErasing, so MAE's fine-tuning
+        # augmentation (--recipe paper) takes the per-image path even for CIFAR-size sets. Exact resume
+        # holds there too: SeededTransform seeds each image by (seed, epoch, index).
+        mae_augment = finetune and args.recipe == "paper"
+        stored = None if mae_augment else decode_in_memory(train_set, args.img_size)
         self.in_memory = stored is not None
         if self.in_memory:
-            self.data = TensorDataset(*stored)
+            images, labels, self.bad_at_start = stored
+            self.data = torch.utils.data.TensorDataset(images, labels)
+            collate = None
         else:
-            self.data = SeededTransform(train_set, train_transform(args.img_size, finetune), args.seed)
+            self.bad_at_start = []
+            self.data = SeededTransform(train_set, train_transform(args.img_size, finetune, mae_augment), args.seed)
+            collate = collate_readable
+        self.skipped = 0  # unreadable images met this epoch by this process
         # Indexing a tensor needs no loader processes: they would only compete for the cores. The
         # generator keeps the loader from drawing its seed from the global RNG (exact resume).
         self.loader = DataLoader(self.data, args.batch_size, sampler=SkipSampler(self.data, rank, world, args.seed),
                                  num_workers=0 if self.in_memory else args.workers, drop_last=True,
-                                 generator=torch.Generator().manual_seed(args.seed))
+                                 collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))
         self.steps = len(self.loader)  # per epoch
 
     def epoch(self, epoch, start_step=0):
-        """Yields (images, labels) on the device for the steps of `epoch` from start_step on."""
+        """Yields (step, (images, labels)) on the device for the steps of `epoch` from start_step on."""
         self.loader.sampler.set_epoch(epoch, skip=start_step * self.loader.batch_size)
+        self.skipped = 0
         if not self.in_memory:
             self.data.epoch = epoch
-        for step, (imgs, labels) in enumerate(self.loader, start_step):
-            imgs = imgs.to(self.device, non_blocking=True)
+        for step, batch in enumerate(self.loader, start_step):
             if self.in_memory:
+                imgs, labels = batch
                 g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, step, self.rank))
-                imgs = augment_batch(imgs, self.size, self.scale, g)
-            yield imgs, labels.to(self.device, non_blocking=True)
+                imgs = augment_batch(imgs.to(self.device, non_blocking=True), self.size, self.scale, g)
+            else:
+                imgs, labels, bad = batch
+                warn_unreadable(bad)
+                self.skipped += len(bad)
+                if imgs is None:
+                    raise UserError(f"every image of a batch was unreadable, e.g. {bad[0]}")
+                imgs = imgs.to(self.device, non_blocking=True)
+            yield step, (imgs, labels.to(self.device, non_blocking=True))
+
+    def left_out(self, proc):
+        """Unreadable training images left out of the epoch that just ended, over all processes."""
+        n = self.skipped + (len(self.bad_at_start) if proc.rank == 0 else 0)
+        if proc.world > 1:
+            t = torch.tensor([float(n)], device=proc.device)
+            dist.all_reduce(t)
+            n = int(t.item())
+        return n
 
 
 # ============================================================================================
-# Optimisation
+# 7. Optimisation
 # ============================================================================================
 
-def param_groups(model, weight_decay, lr_scale=None):
-    """AdamW groups: no weight decay on biases, norms, tokens and position embeddings (paper),
-    and, for fine-tuning, an lr scale per parameter (layer-wise decay)."""
+def laptop_no_decay(name, p):
+    """laptop: no weight decay on biases, norms, tokens ([CLS], [MASK]) and position embeddings."""
+    return p.ndim <= 1 or name.endswith(("token", "pos_embed"))
+
+
+def paper_pretrain_no_decay(name, p):
+    """paper pre-training: timm's add_weight_decay without a skip list (official main_pretrain.py):
+    only 1-D parameters and biases, so the (1, 1, D) cls_token and mask_pos_token are decayed."""
+    return p.ndim <= 1 or name.endswith(".bias")
+
+
+def paper_finetune_no_decay(name, p):
+    """paper fine-tuning: MAE's param_groups_lrd: 1-D parameters and the ViT's no_weight_decay()
+    names, pos_embed and cls_token (under 'encoder.' in a Classifier)."""
+    return p.ndim <= 1 or name.removeprefix("encoder.") in ("pos_embed", "cls_token")
+
+
+def no_decay_rule(recipe, mode):
+    """The rule (name, param) -> True for the parameters AdamW leaves undecayed."""
+    if recipe == "laptop":
+        return laptop_no_decay
+    return paper_pretrain_no_decay if mode == "pretrain" else paper_finetune_no_decay
+
+
+def param_groups(model, weight_decay, lr_scale=None, no_decay=laptop_no_decay):
+    """AdamW groups: no weight decay where no_decay(name, param) says so (`no_decay_rule`), and,
+    for fine-tuning, an lr scale per parameter (layer-wise decay). Frozen parameters are left out."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name.endswith(("token", "pos_embed"))
+        skip = bool(no_decay(name, p))
         scale = lr_scale(name) if lr_scale else 1.0
-        key = (no_decay, scale)
-        groups.setdefault(key, {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                                "lr_scale": scale})["params"].append(p)
+        groups.setdefault((skip, scale), {"params": [], "weight_decay": 0.0 if skip else weight_decay,
+                                          "lr_scale": scale})["params"].append(p)
     return list(groups.values())
 
 
-def make_optimizer(groups, lr, betas, device):
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+def make_optimizer(groups, betas, device, lr=1e-4):  # the loop sets each step's lr
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type in ("cuda", "cpu"))
 
 
-def optimizer_step(model, optimizer, loss, clip_grad):
-    """Backward, clip the gradient norm (0 = no clipping), update."""
+def optimizer_step(model, optimizer, loss, clip_grad, per_parameter=False):
+    """Backward, clip the gradient norm (0 = no clipping), update. The norm is all gradients'
+    together or, per_parameter (`per_parameter_clip`), each gradient's own."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip_grad > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        (clip_each_gradient if per_parameter else nn.utils.clip_grad_norm_)(model.parameters(), clip_grad)
     optimizer.step()
+
+
+def per_parameter_clip(recipe, mode):
+    """Whether clipping bounds each gradient on its own: only the official DropPos pre-training
+    does (util/utils.py clip_gradients). MAE's fine-tuning, when asked to clip, clips the joint norm."""
+    return recipe == "paper" and mode == "pretrain"
+
+
+def clip_each_gradient(params, max_norm):
+    """g *= min(1, max_norm / (‖g‖ + 1e-6)) for each gradient on its own, as the official
+    clip_gradients: a large gradient in one layer no longer shrinks every other layer's update, as
+    one joint norm would. Nothing is read back to the host."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        norms = torch.stack([g.detach().norm(2) for g in grads])
+        for g, scale in zip(grads, (max_norm / (norms + 1e-6)).clamp(max=1.0)):
+            g.mul_(scale)
 
 
 def lr_at(step, total, warmup, base_lr, min_lr):
@@ -550,62 +1422,46 @@ def layer_id(name, depth):
 
 
 # ============================================================================================
-# Checkpoints
+# 8. Evaluation: k-NN monitor, classification top-1, the reassembly picture
 # ============================================================================================
 
-def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def held_out_batches(data, args, proc, batch_size):
+    """This process's share of the held-out images, unaugmented, as (images, labels) on the device."""
+    ds = SeededTransform(data.held_out, eval_transform(args.img_size, eval_crop_pct(args)), 0)
+    return readable_batches(Subset(ds, range(proc.rank, len(ds), proc.world)), batch_size, args, proc)
 
 
-def load_checkpoint(path):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle garbage, foreign objects: all unusable alike
-        raise UserError(f"checkpoint {str(path)!r} is corrupt, truncated or not a checkpoint "
-                        f"({type(e).__name__})") from None
+def readable_batches(ds, batch_size, args, proc):
+    for imgs, labels, bad in DataLoader(ds, batch_size, num_workers=args.workers, collate_fn=collate_readable):
+        warn_unreadable(bad)
+        if imgs is not None:
+            yield imgs.to(proc.device, non_blocking=True), labels.to(proc.device, non_blocking=True)
 
-
-def load_state(module, state, what):
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:  # TypeError: not a dict at all
-        detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
-        raise UserError(f"{what} does not match this model: {detail} "
-                        f"(check --model, --img-size, --patch-size and the width/depth flags)") from None
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    random.setstate((3, tuple(s["python"]), None))
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-# ============================================================================================
-# Evaluation: k-NN monitor, classification accuracy, reassembly picture
-# ============================================================================================
 
 @torch.no_grad()
-def extract_features(encoder, loader, device, precision):
-    """Global average of the encoder's patch tokens for every image.  -> (M, D), (M,)."""
-    feats, labels = [], []
-    for imgs, y in loader:
-        with autocast(device, precision):
-            f = encoder.forward_features(imgs.to(device, non_blocking=True))[:, 1:].mean(1)
+def extract_features(encoder, batches, proc):
+    """L2-normalised average of the encoder's patch tokens per image, from every process.  -> (M, D), (M,)."""
+    feats, labels = [torch.zeros(0, encoder.dim, device=proc.device)], [torch.zeros(0, dtype=torch.long, device=proc.device)]
+    for imgs, y in batches:
+        with autocast(proc):
+            f = encoder.forward_features(imgs)[:, 1:].mean(1)
         feats.append(F.normalize(f.float(), dim=-1))
-        labels.append(y.to(device))
-    return torch.cat(feats), torch.cat(labels)
+        labels.append(y)
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if proc.world == 1:
+        return feats, labels
+    # Shares differ by a few images: pad to the longest, gather, cut the padding off again.
+    n = torch.tensor([len(feats)], device=proc.device)
+    sizes = [torch.zeros_like(n) for _ in range(proc.world)]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    pad = lambda t: torch.cat([t, t.new_zeros(longest - len(t), *t.shape[1:])])
+    all_f = [torch.zeros(longest, encoder.dim, device=proc.device) for _ in sizes]
+    all_y = [torch.zeros(longest, dtype=torch.long, device=proc.device) for _ in sizes]
+    dist.all_gather(all_f, pad(feats))
+    dist.all_gather(all_y, pad(labels))
+    keep = [slice(0, int(s.item())) for s in sizes]
+    return torch.cat([f[k] for f, k in zip(all_f, keep)]), torch.cat([y[k] for y, k in zip(all_y, keep)])
 
 
 def knn_classify(train_feats, train_labels, test_feats, num_classes, k=20, t=0.07, chunk=512):
@@ -620,59 +1476,228 @@ def knn_classify(train_feats, train_labels, test_feats, num_classes, k=20, t=0.0
     return torch.cat(preds)
 
 
-def run_knn(encoder, train_set, val_set, num_classes, args, device, precision):
-    """k-NN top-1 (%) of the encoder's features, on held-out images, without augmentation."""
-    was_training = encoder.training
+def run_knn(encoder, data, args, proc):
+    """k-NN top-1 (%) of the encoder's features on the held-out images, the training images as
+    the bank. Every process embeds its share of both, so none waits idle in a collective."""
     encoder.eval()
-    tf = eval_transform(args.img_size)
-    mk = lambda ds: DataLoader(SeededTransform(ds, tf, 0), 256, num_workers=args.workers)
-    tr_f, tr_y = extract_features(encoder, mk(train_set), device, precision)
-    te_f, te_y = extract_features(encoder, mk(val_set), device, precision)
-    encoder.train(was_training)
-    pred = knn_classify(tr_f, tr_y, te_f, num_classes, args.knn_k, args.knn_t)
-    return 100.0 * (pred == te_y).float().mean().item()
+    train_ds = SeededTransform(data.train, eval_transform(args.img_size, eval_crop_pct(args)), 0)
+    shard = Subset(train_ds, range(proc.rank, len(train_ds), proc.world))
+    bank_f, bank_y = extract_features(encoder, readable_batches(shard, 256, args, proc), proc)
+    test_f, test_y = extract_features(encoder, held_out_batches(data, args, proc, 256), proc)
+    encoder.train()
+    pred = knn_classify(bank_f, bank_y, test_f, data.num_classes, args.knn_k, args.knn_t)
+    return 100.0 * (pred == test_y).float().mean().item()
 
 
 @torch.no_grad()
-def save_reassembly(model, imgs, path, device, precision):
-    """Rows: originals, the visible patches in place, and each visible patch moved to the position
-    the model predicts for it (positions nobody claims stay grey)."""
+def evaluate_classifier(model, data, args, proc):
+    """Top-1 (%) on the held-out images, split across processes."""
+    model.eval()
+    counts = torch.zeros(2, device=proc.device)  # right, seen
+    for imgs, y in held_out_batches(data, args, proc, args.batch_size):
+        with autocast(proc):
+            logits = model(imgs)
+        counts[0] += (logits.argmax(-1) == y).sum()
+        counts[1] += len(y)
+    if proc.world > 1:
+        dist.all_reduce(counts)
+    model.train()
+    return 100.0 * (counts[0] / counts[1].clamp(min=1)).item()
+
+
+GIVEN, CORRECT, CLASH = (0, 200, 0), (255, 200, 0), (230, 0, 0)  # border colours in reassembly.png
+LEGEND = ("green: position given  ·  yellow: patch in its true cell  ·  "
+          "red k: k patches sent to one cell, the surest shown  ·  grey: no patch")
+
+
+def save_reassembly(model, imgs, path, proc):
+    """reassembly.png: 8 held-out images (ImageNet-normalised) as the model puts them back together.
+
+    The mask is seeded and the training RNG left untouched, so the pictures of different epochs
+    show the same patches and a resumed run stays exact.
+    """
     was_training = model.training
     model.eval()
-    imgs = imgs.to(device)
-    with autocast(device, precision):
+    with torch.no_grad(), torch.random.fork_rng([proc.device] if proc.device.type == "cuda" else []), autocast(proc):
+        torch.default_generator.manual_seed(0)
+        if proc.device.type == "cuda":
+            torch.cuda.manual_seed(0)
+        imgs = imgs.to(proc.device)
         out = model(imgs, 0.0)
+        B, N = len(imgs), model.encoder.num_patches
+        everywhere = torch.arange(N, device=proc.device).expand(B, N)  # every patch: weights sum to 1 over N
+        weights = droppos.attentive_weights(model.encoder, imgs, everywhere, model.tau)  # (B, N)
     model.train(was_training)
-    p, grid = model.encoder.patch_size, model.grid
-    pixels = patchify(denormalize(imgs), p)  # (B, N, p·p·3)
-    vis_patches = droppos.gather_tokens(pixels, out.ids_keep)  # (B, n, p·p·3)
-    grey = torch.full_like(pixels, 0.5)
-    visible = grey.scatter(1, out.ids_keep[..., None].expand_as(vis_patches), vis_patches)
-    pred = out.logits.float().argmax(-1)  # (B, n)
-    moved = grey.scatter(1, pred[..., None].expand_as(vis_patches), vis_patches)
-    rows = [pixels, visible, moved]
-    grid_img = make_grid(torch.cat([unpatchify(r, p, grid) for r in rows]).cpu(), nrow=imgs.shape[0], padding=1)
-    save_image(grid_img, path)
+    rows, info = reassembly_rows(denormalize(imgs.float()).cpu(), out.ids_keep.cpu(), out.dropped.cpu(),
+                                 out.logits.float().softmax(-1).cpu(), weights.float().cpu(), model.grid,
+                                 model.encoder.patch_size)
+    labels = ["original", f"visible ({round(100 * model.n_vis / N)}%)", "predicted", "attention"]
+    caption = (f"position accuracy on dropped patches: {100 * out.acc.item():.1f}%  ·  "
+               f"attention: each patch's weight in the loss, hot = high\n{LEGEND}")
+    picture = draw_reassembly(rows, info, max(1, math.ceil(128 / imgs.shape[-1])), labels, caption)
+    atomic_write(path, lambda f: picture.save(f, format="PNG"))
+
+
+def reassembly_rows(pixels, ids_keep, dropped, probs, weights, grid, patch_size):
+    """The picture's rows as images (B, 3, H, W) in [0, 1], and the cells the drawing marks.
+
+    pixels (B, 3, H, W) in [0, 1]; ids_keep, dropped (B, n); probs (B, n, N); weights (B, N).
+    """
+    B, n, N = probs.shape
+    patches = patchify(pixels, patch_size)  # (B, N, p·p·3)
+    vis = droppos.gather_tokens(patches, ids_keep)  # (B, n, p·p·3)
+    grey = torch.full_like(patches, 0.5)
+    cells = torch.arange(N)
+    conf, pred = probs.max(-1)  # (B, n)
+    claims = pred[..., None] == cells  # (B, n, N)
+    count = claims.sum(1)  # (B, N)
+    # scatter with repeated indices keeps an arbitrary writer; on a collision we want the surest one
+    winner = torch.where(claims, conf[..., None], -1.0).argmax(1)  # (B, N)
+    t = weights / weights.amax(1, keepdim=True)  # (B, N), hottest patch at 1 in every image
+    hot = torch.stack([3 * t, 3 * t - 1, 3 * t - 2], -1).clamp(0, 1)  # black → red → yellow → white
+    lum = patchify(pixels.mean(1, keepdim=True).expand_as(pixels), patch_size)  # grey copy: colour = heat
+    rows = dict(original=patches,
+                visible=grey.scatter(1, ids_keep[..., None].expand_as(vis), vis),
+                predicted=torch.where((count > 0)[..., None], droppos.gather_tokens(vis, winner), grey),
+                attention=0.3 * lum + 0.7 * repeat(hot, "b n c -> b n (pp c)", pp=patch_size ** 2))
+    info = dict(patch_size=patch_size,
+                kept=torch.zeros(B, N, dtype=torch.bool).scatter(1, ids_keep, ~dropped),  # (B, N)
+                correct=(ids_keep.gather(1, winner) == cells) & (count > 0),  # (B, N)
+                collisions=[[(c, k) for c, k in enumerate(row) if k >= 2] for row in count.tolist()])
+    return {k: unpatchify(v, patch_size, grid).clamp(0, 1) for k, v in rows.items()}, info
+
+
+def draw_reassembly(rows, info, scale, labels, caption):
+    """Enlarge the rows (nearest neighbour), label them at the left, mark cells, caption on top."""
+    font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=10)
+    B, _, H, W = next(iter(rows.values())).shape
+    c, w, gap, line = info["patch_size"] * scale, W // info["patch_size"], 6, 20  # c: cell side in px
+    label_w = max(font.getbbox(s)[2] for s in labels) + 2 * gap
+    lines = caption.split("\n")
+    size = (max(label_w + B * (W * scale + gap), max(font.getbbox(s)[2] for s in lines) + 2 * gap),
+            gap + line * len(lines) + len(rows) * (H * scale + gap))
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.multiline_text((gap, gap), caption, fill="black", font=font, spacing=line - 15)
+    for r, (name, img) in enumerate(rows.items()):
+        y0 = gap + line * len(lines) + r * (H * scale + gap)
+        draw.text((gap, y0 + H * scale // 2), labels[r], fill="black", font=font, anchor="lm")
+        big = F.interpolate(img.float(), scale_factor=scale, mode="nearest").mul(255).round().byte()
+        for b in range(B):
+            x0 = label_w + b * (W * scale + gap)
+            canvas.paste(Image.fromarray(big[b].permute(1, 2, 0).numpy()), (x0, y0))
+            clashes = info["collisions"][b] if name == "predicted" else []
+            marks = {"visible": [(k, GIVEN) for k in info["kept"][b].nonzero().flatten().tolist()],
+                     "predicted": [(k, CORRECT) for k in info["correct"][b].nonzero().flatten().tolist()]
+                     + [(k, CLASH) for k, _ in clashes]}.get(name, [])
+            for k, colour in marks:  # inside the cell, so neighbouring borders never overlap
+                x, y = x0 + k % w * c, y0 + k // w * c
+                draw.rectangle([x, y, x + c - 1, y + c - 1], outline=colour, width=max(1, c // 8))
+            for k, count in clashes:  # the count on a red tab in the corner; a wider label would hide the patch
+                x, y = x0 + k % w * c, y0 + k // w * c
+                box = draw.textbbox((x + 1, y + 1), str(count), font=small, anchor="lt")
+                draw.rectangle([x, y, box[2] + 1, box[3] + 1], fill=CLASH)
+                draw.text((x + 1, y + 1), str(count), fill="white", font=small, anchor="lt")
+    return canvas
 
 
 # ============================================================================================
-# The training loop (pre-training and fine-tuning share it)
+# 9. Logging: progress lines, metrics.jsonl, and the arithmetic behind them
 # ============================================================================================
 
 class Logger:
-    """Progress lines on stdout and one JSON object per line in metrics.jsonl (rank 0 only)."""
+    """Progress lines on stdout and one JSON object per line in metrics.jsonl (rank 0 writes).
 
-    def __init__(self, out_dir, enabled, resume):
-        self.enabled = enabled
-        self.file = open(out_dir / "metrics.jsonl", "a" if resume else "w") if enabled else None
+    Running sums stay on the device and are read only when a line is due, every --log-every
+    seconds. Epochs are counted from 1 in both places; `step` in metrics.jsonl counts optimiser
+    steps over the whole run.
+    """
 
-    def __call__(self, record, line=None):
-        if not self.enabled:
+    def __init__(self, path, rows_kept, proc, every_s, steps_per_epoch, total_steps, first_step, epoch_sums,
+                 acc_name):
+        self.path, self.proc, self.every_s, self.acc_name = path, proc, every_s, acc_name
+        self.epochs = total_steps // steps_per_epoch
+        self.steps_per_epoch, self.total_steps, self.first_step = steps_per_epoch, total_steps, first_step
+        self.sums = torch.zeros(3, device=proc.device)  # loss, accuracy, steps since the last line
+        self.epoch_sums = torch.tensor(epoch_sums or [0.0, 0.0, 0.0], device=proc.device)
+        self.rows, self.file = rows_kept, None
+        self.t_start = self.t_last = time.time()
+        self.imgs_since, self.timed = 0, False
+        if proc.rank == 0:
+            self.cut_metrics(rows_kept)
+            self.file = open(path, "a")
+
+    def cut_metrics(self, rows):
+        """Keep the rows the checkpoint had seen; rows written after it are about to be redone."""
+        if not self.path.exists():
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if line:
+        lines = self.path.read_bytes().splitlines(keepends=True)
+        if len(lines) != rows:
+            atomic_write(self.path, lambda f: f.writelines(lines[:rows]))
+
+    def header(self, line):
+        if self.proc.rank == 0:
             print(line, flush=True)
+
+    def step(self, epoch, step, loss, acc, n_imgs, lr, extra):
+        stat = torch.stack([loss.detach().float(), acc.detach().float(), torch.ones((), device=loss.device)])
+        self.sums += stat
+        self.epoch_sums += stat
+        self.imgs_since += n_imgs * self.proc.world
+        now = time.time()
+        if now - self.t_last < self.every_s and step != self.steps_per_epoch:
+            return
+        loss_mean, acc_mean = self.mean(self.sums, across=False)  # this process's share: no collective off the step grid
+        done = epoch * self.steps_per_epoch + step
+        ips = self.imgs_since / max(now - self.t_last, 1e-9)
+        left = (self.total_steps - done) * (now - self.t_start) / max(done - self.first_step, 1)
+        self.write({"epoch": epoch + 1, "step": done, "loss": loss_mean, "acc": acc_mean, "lr": lr, **extra,
+                    "images_per_sec": ips},
+                   f"epoch {epoch + 1}/{self.epochs}  step {step}/{self.steps_per_epoch}  loss {loss_mean:.4f}  "
+                   f"{self.acc_name} {100 * acc_mean:.2f}%  lr {lr:.2e}  "
+                   + "".join(f"{'σ' if k == 'sigma' else k} {v:.3f}  " for k, v in extra.items())
+                   + f"{ips:.0f} img/s  left {fmt_time(left)}")
+        if not self.timed and done - self.first_step >= 5:
+            self.timed = True
+            per_step = (now - self.t_start) / (done - self.first_step)
+            self.header(f"timed the first {done - self.first_step} steps: {per_step:.2f} s/step, so the "
+                        f"{self.total_steps - self.first_step} steps of this run take about "
+                        f"{fmt_time(per_step * (self.total_steps - self.first_step))} (plus evaluation)")
+        self.sums.zero_()
+        self.t_last, self.imgs_since = now, 0
+
+    def epoch_summary(self, epoch, results, left_out):
+        loss_mean, acc_mean = self.mean(self.epoch_sums, across=True)
+        self.epoch_sums.zero_()
+        elapsed = time.time() - self.t_start
+        extra = "".join(f"  {k} {v:.2f}%" for k, v in results.items())
+        self.write({"epoch": epoch, "summary": True, "loss": loss_mean, "acc": acc_mean, **results,
+                    "skipped_images": left_out, "elapsed_s": elapsed},
+                   f"== epoch {epoch}/{self.epochs} done  loss {loss_mean:.4f}  {self.acc_name} {100 * acc_mean:.2f}%{extra}  "
+                   f"elapsed {fmt_time(elapsed)}")
+
+    def mean(self, sums, across):
+        if across and self.proc.world > 1:
+            sums = sums.clone()
+            dist.all_reduce(sums)
+        s = sums.tolist()
+        return [v / max(s[-1], 1) for v in s[:-1]]
+
+    def write(self, record, line):
+        if self.proc.rank != 0:
+            return
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise UserError(f"could not write {str(self.path)!r}: {e.strerror or e}") from None
+        self.rows += 1
+        print(line, flush=True)
+
+    def sync(self):
+        """metrics.jsonl on disk before the checkpoint that counts its rows."""
+        if self.file is not None:
+            os.fsync(self.file.fileno())
 
 
 def fmt_time(s):
@@ -680,293 +1705,39 @@ def fmt_time(s):
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def train(args):
-    rank, world, local = setup_distributed()
-    device = pick_device(args.device, local)
-    precision = pick_precision(args.precision, device)
-    torch.manual_seed(args.seed + rank)  # masking differs per process, data order is shared
-    random.seed(args.seed + rank)
-    out_dir = Path(args.output_dir)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    finetune = args.finetune is not None
-
-    train_set, val_set, num_classes = load_datasets(args)
-    if len(train_set) < args.batch_size * world:
-        raise UserError(f"the training set has {len(train_set)} images, fewer than one batch "
-                        f"({args.batch_size} × {world} processes); lower --batch-size")
-    stream = TrainStream(train_set, args, rank, world, finetune, device)
-    steps_per_epoch = stream.steps
-    total_steps = steps_per_epoch * args.epochs
-    warmup_steps = int(args.warmup_epochs * steps_per_epoch)
-    base_lr = args.blr * args.batch_size * world / 256
-
-    cfg = model_config(args)
-    if finetune:
-        model = build_classifier(args, cfg, num_classes).to(device)
-        depth = len(model.encoder.blocks)
-        groups = param_groups(model, args.weight_decay,
-                              lambda n: args.layer_decay ** (depth + 1 - layer_id(n, depth)))
-        betas = (0.9, 0.999)
-    else:
-        model = build_droppos(cfg).to(device)
-        groups = param_groups(model, args.weight_decay)
-        betas = (0.9, 0.95)
-    optimizer = make_optimizer(groups, base_lr, betas, device)
-    mix = batch_mixer(args, num_classes) if finetune else None
-
-    start_epoch, start_step, best = 0, 0, 0.0
-    ckpt_path = out_dir / "checkpoint.pt"
-    if args.resume:
-        path = ckpt_path if args.resume == "auto" else Path(args.resume)
-        ck = load_checkpoint(path)
-        if not isinstance(ck, dict) or "model" not in ck or "optimizer" not in ck:
-            raise UserError(f"checkpoint {str(path)!r} is not a training checkpoint of this script")
-        if ck.get("mode") != ("finetune" if finetune else "pretrain"):
-            raise UserError(f"checkpoint {str(path)!r} is from {ck.get('mode')}, not "
-                            f"{'fine-tuning' if finetune else 'pre-training'}")
-        load_state(model, ck["model"], f"checkpoint {str(path)!r}")
-        try:
-            optimizer.load_state_dict(ck["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise UserError(f"checkpoint {str(path)!r}: optimiser state does not match ({e})") from None
-        start_epoch, start_step, best = ck["epoch"], ck["step_in_epoch"], ck.get("best", 0.0)
-        set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
-        if rank == 0:
-            print(f"resumed from {path} at epoch {start_epoch} step {start_step}", flush=True)
-
-    net = model
-    if args.compile:
-        net = torch.compile(net)
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[local] if device.type == "cuda" else None)
-
-    log = Logger(out_dir, rank == 0, args.resume)
-    if rank == 0:
-        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"{'fine-tuning' if finetune else 'pre-training'} on {args.dataset}: {len(train_set)} images, "
-              f"{world} process(es) on {device}, {precision}, {n_params / 1e6:.2f}M parameters, "
-              f"lr {base_lr:.2e}, {steps_per_epoch} steps/epoch", flush=True)
-
-    vis_imgs = None
-    if not finetune and rank == 0 and val_set is not None:
-        vis_imgs = torch.stack([eval_transform(args.img_size)(val_set[i][0]) for i in range(min(8, len(val_set)))])
-
-    def gather_states():
-        if world == 1:
-            return [rng_state()]
-        states = [None] * world
-        dist.all_gather_object(states, rng_state())
-        return states
-
-    def checkpoint(epoch, step_in_epoch):
-        states = gather_states()  # every rank takes part in the collective
-        if rank == 0:
-            save_checkpoint(ckpt_path, {"mode": "finetune" if finetune else "pretrain", "model": model.state_dict(),
-                                        "optimizer": optimizer.state_dict(), "epoch": epoch,
-                                        "step_in_epoch": step_in_epoch, "best": best, "rng": states,
-                                        "args": dict(vars(args))})
-            if not finetune:
-                torch.save(model.encoder.state_dict(), out_dir / "encoder.pt")
-
-    # Ctrl-C and SIGTERM only raise a flag, so the checkpoint is taken between two steps, never
-    # half-way through an optimiser update; a second Ctrl-C quits at once, without saving.
-    interrupted = []
-
-    def on_signal(*_):
-        if interrupted:
-            print("\ninterrupted twice: quit without saving", file=sys.stderr, flush=True)
-            raise SystemExit(130)
-        interrupted.append(True)
-
-    old_handlers = [signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)]
-    t_start, epoch, step_in_epoch = time.time(), start_epoch, start_step
-    first_step = start_epoch * steps_per_epoch + start_step  # for the time-left estimate
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            step_in_epoch = start_step  # non-zero only in the epoch a mid-epoch resume starts in
-            net.train()
-            sums = torch.zeros(3, device=device)  # loss, accuracy, steps since the last line
-            ep_sums = torch.zeros(3, device=device)
-            t_last, imgs_since = time.time(), 0
-            for imgs, labels in stream.epoch(epoch, start_step):
-                if stop_requested(interrupted, step_in_epoch, world, device):
-                    raise KeyboardInterrupt
-                step = epoch * steps_per_epoch + step_in_epoch
-                lr = lr_at(step, total_steps, warmup_steps, base_lr, args.min_lr)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr * g["lr_scale"]
-                progress = step / total_steps
-                sigma = sigma_at(args.sigma, progress, decay=not args.no_sigma_decay)
-                with autocast(device, precision):
-                    if finetune:
-                        loss, acc = classification_step(net, imgs, labels, mix, args.smoothing, num_classes)
-                    else:
-                        out = net(imgs, sigma)
-                        loss, acc = out.loss, out.acc
-                optimizer_step(model, optimizer, loss, args.clip_grad)
-                stat = torch.stack([loss.detach().float(), acc.detach().float(), torch.ones((), device=device)])
-                sums += stat
-                ep_sums += stat
-                step_in_epoch += 1
-                imgs_since += imgs.shape[0] * world
-
-                now = time.time()
-                if now - t_last >= args.log_every or step_in_epoch == steps_per_epoch:
-                    s = reduce_mean(sums, 1)  # this process's shard: no collective off the step grid
-                    if not math.isfinite(s[0]):
-                        raise FloatingPointError(f"epoch {epoch} step {step_in_epoch}")
-                    ips = imgs_since / (now - t_last)
-                    done = step + 1 - first_step
-                    left = (total_steps - step - 1) * (now - t_start) / max(done, 1)
-                    rec = {"epoch": epoch, "step": step + 1, "loss": s[0], "acc": s[1], "lr": lr,
-                           "sigma": sigma, "images_per_sec": ips}
-                    log(rec, f"epoch {epoch + 1}/{args.epochs}  step {step_in_epoch}/{steps_per_epoch}  "
-                             f"loss {s[0]:.4f}  {'top-1' if finetune else 'pos-acc'} {100 * s[1]:.2f}%  "
-                             f"lr {lr:.2e}  {'' if finetune else f'σ {sigma:.3f}  '}{ips:.0f} img/s  "
-                             f"left {fmt_time(left)}")
-                    sums.zero_()
-                    t_last, imgs_since = now, 0
-
-            # ---- end of epoch: evaluate, summarise, checkpoint
-            s = reduce_mean(ep_sums, world)
-            rec = {"epoch": epoch, "summary": True, "loss": s[0], "acc": s[1],
-                   "elapsed_s": time.time() - t_start}
-            last = epoch + 1 == args.epochs
-            if finetune:
-                top1 = evaluate_classifier(model, val_set, args, device, precision, rank, world)
-                best = max(best, top1)
-                rec.update(test_top1=top1, best_top1=best)
-            elif val_set is not None and args.knn_every and ((epoch + 1) % args.knn_every == 0 or last):
-                if rank == 0:
-                    rec["knn_top1"] = run_knn(model.encoder, train_set, val_set, num_classes, args, device, precision)
-            if rank == 0 and vis_imgs is not None:
-                save_reassembly(model, vis_imgs, out_dir / "reassembly.png", device, precision)
-            start_step = 0
-            checkpoint(epoch + 1, 0)
-            extra = "".join(f"  {k} {v:.2f}%" for k, v in rec.items() if k.endswith("top1"))
-            log(rec, f"== epoch {epoch + 1}/{args.epochs} done  loss {s[0]:.4f}  "
-                     f"{'train top-1' if finetune else 'pos-acc'} {100 * s[1]:.2f}%{extra}  "
-                     f"elapsed {fmt_time(rec['elapsed_s'])}")
-    except KeyboardInterrupt:
-        checkpoint(epoch, step_in_epoch)
-        if rank == 0:
-            print(f"\ninterrupted: saved {ckpt_path} at epoch {epoch} step {step_in_epoch}; "
-                  f"continue with --resume", file=sys.stderr, flush=True)
-        raise SystemExit(130)
-    except FloatingPointError as e:
-        kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
-        raise UserError(f"loss became non-finite at {e}; stopped without saving ({kept}). "
-                        f"Lower --blr, or try --precision fp32") from None
-    finally:
-        for s, h in zip((signal.SIGINT, signal.SIGTERM), old_handlers):
-            signal.signal(s, h)
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-    return model
-
-
-def stop_requested(flag, step, world, device, every=20):
-    """Whether to stop for a signal. Under torchrun the processes agree every `every` steps, so
-    all of them take the checkpoint at the same step."""
-    if world == 1:
-        return bool(flag)
-    if step % every:
-        return False
-    t = torch.tensor([float(bool(flag))], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item() > 0
-
-
-def reduce_mean(sums, world):
-    """Mean of the logged quantities over steps and processes, as Python floats."""
-    if world > 1:
-        sums = sums.clone()
-        dist.all_reduce(sums)
-    s = sums.tolist()
-    n = max(s[-1], 1)
-    return [v / n for v in s[:-1]]
-
-
 # ============================================================================================
-# Fine-tuning
+# 10. Benchmark
 # ============================================================================================
 
-class Classifier(nn.Module):
-    """The pre-trained ViT with MAE's fine-tuning head: average of patch tokens, LayerNorm, linear."""
-
-    def __init__(self, encoder, num_classes):
-        super().__init__()
-        self.encoder = encoder
-        self.fc_norm = nn.LayerNorm(encoder.dim, eps=1e-6)
-        self.head = nn.Linear(encoder.dim, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE: a near-zero head keeps early steps stable
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, imgs):  # (B, C, H, W) -> (B, classes)
-        return self.head(self.fc_norm(self.encoder.forward_features(imgs)[:, 1:].mean(1)))
-
-
-def build_classifier(args, cfg, num_classes):
-    try:
-        encoder = ViT(cfg["img_size"], cfg["patch_size"], 3, cfg["dim"], cfg["depth"], cfg["heads"],
-                      cfg["pos_embed"], drop_path=args.drop_path)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if args.finetune != "scratch" and not args.resume:
-        state = load_checkpoint(args.finetune)
-        if isinstance(state, dict) and "model" in state:  # a pre-training checkpoint.pt
-            state = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
-        load_state(encoder, state, f"pre-trained encoder {args.finetune!r}")
-    return Classifier(encoder, num_classes)
+def matmul_flops(device, dtype, max_n=None, budget_s=0.3):
+    """Measured FLOP/s of large square matmuls: the peak a training step can hope for."""
+    max_n = max_n or (8192 if device.type == "cuda" else 2048)
+    n, per_call = 256, 0.0
+    while True:  # grow the size until one product takes long enough to time, or is large
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        per_call = _time(lambda: a @ b, device, reps=1)
+        if per_call > 0.02 or n >= max_n:
+            break
+        n *= 2
+    reps = max(1, int(budget_s / max(per_call, 1e-6)))
+    return 2 * n ** 3 / _time(lambda: a @ b, device, reps)
 
 
-def batch_mixer(args, num_classes):
-    """MixUp / CutMix (torchvision v2), one of them per batch; None when both are off."""
-    mixers = []
-    if args.mixup > 0:
-        mixers.append(v2.MixUp(alpha=args.mixup, num_classes=num_classes))
-    if args.cutmix > 0:
-        mixers.append(v2.CutMix(alpha=args.cutmix, num_classes=num_classes))
-    return v2.RandomChoice(mixers) if mixers else None
+def _time(fn, device, reps):
+    fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / reps
 
 
-def classification_step(net, imgs, labels, mix, smoothing, num_classes):
-    """Soft-target cross-entropy on (optionally) mixed images with label smoothing.  -> loss, top-1."""
-    if mix is not None:
-        imgs, target = mix(imgs, labels)
-    else:
-        target = F.one_hot(labels, num_classes).float()
-    target = target * (1 - smoothing) + smoothing / num_classes
-    logits = net(imgs)
-    loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-    acc = (logits.argmax(-1) == labels).float().mean()
-    return loss, acc
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-
-@torch.no_grad()
-def evaluate_classifier(model, val_set, args, device, precision, rank, world):
-    """Top-1 (%) on the held-out split, split across processes."""
-    model.eval()
-    data = SeededTransform(val_set, eval_transform(args.img_size), 0)
-    idx = list(range(rank, len(data), world))
-    loader = DataLoader(Subset(data, idx), args.batch_size, num_workers=args.workers)
-    counts = torch.zeros(2, device=device)  # right, seen
-    for imgs, y in loader:
-        y = y.to(device)
-        with autocast(device, precision):
-            logits = model(imgs.to(device))
-        counts[0] += (logits.argmax(-1) == y).sum()
-        counts[1] += len(y)
-    if world > 1:
-        dist.all_reduce(counts)
-    model.train()
-    return 100.0 * (counts[0] / counts[1]).item()
-
-
-# ============================================================================================
-# Benchmark
-# ============================================================================================
 
 def droppos_flops(cfg):
     """Model FLOPs of one pre-training image, counted analytically.
@@ -992,20 +1763,21 @@ def rss_mb():
 
 
 def benchmark(args):
-    """Time training steps after warm-up on an in-memory batch, then with the data loader."""
+    """Time training steps after warm-up on an in-memory batch, then with the data stream."""
     device = pick_device(args.device, 0)
-    precision = pick_precision(args.precision, device)
+    proc = Proc(0, 1, 0, device, pick_precision(args.precision, device))
     torch.manual_seed(args.seed)
     cfg = model_config(args)
     model = build_droppos(cfg).to(device)
-    optimizer = make_optimizer(param_groups(model, args.weight_decay), 1e-4, (0.9, 0.95), device)
+    groups = param_groups(model, args.weight_decay, no_decay=no_decay_rule(args.recipe, "pretrain"))
+    optimizer = make_optimizer(groups, (0.9, 0.95), device)
     net = torch.compile(model) if args.compile else model
     imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
 
     def step(x):
-        with autocast(device, precision):
+        with autocast(proc):
             loss = net(x, 0.5).loss
-        optimizer_step(model, optimizer, loss, args.clip_grad)
+        optimizer_step(model, optimizer, loss, args.clip_grad, per_parameter_clip(args.recipe, "pretrain"))
 
     rss_before_mb = rss_mb()
     for _ in range(args.bench_warmup):
@@ -1030,52 +1802,38 @@ def benchmark(args):
     peaks = {p: matmul_flops(device, torch.float32 if p == "fp32" else torch.bfloat16) / 1e9
              for p in ("fp32", "bf16")}
     ips = args.batch_size / step_s
-    result = {"device": str(device), "precision": precision, "batch_size": args.batch_size,
+    result = {"device": str(device), "precision": proc.precision, "batch_size": args.batch_size,
               "model": {k: cfg[k] for k in ("img_size", "patch_size", "dim", "depth", "heads", "decoder_dim",
                                             "decoder_depth", "decoder_heads")},
               "images_per_sec": round(ips, 1), "step_ms": round(1000 * step_s, 1),
               "peak_memory_mb": round(peak_mb, 1), "gflops_per_image": round(gflops, 3),
               "achieved_gflops": round(ips * gflops, 1),
               "peak_gflops_fp32": round(peaks["fp32"], 1), "peak_gflops_bf16": round(peaks["bf16"], 1),
-              "utilization": round(ips * gflops / peaks[precision], 3), "threads": torch.get_num_threads()}
+              "utilization": round(ips * gflops / peaks[proc.precision], 3), "threads": torch.get_num_threads()}
     try:
-        result["images_per_sec_with_data"] = round(bench_with_data(args, step, device), 1)
+        with_data = bench_with_data(args, step, proc)
+        result["images_per_sec_with_data"] = None if with_data is None else round(with_data, 1)
     except UserError as e:
         result["images_per_sec_with_data"], result["data_error"] = None, str(e)
     print(json.dumps(result), flush=True)
 
 
-def bench_with_data(args, step, device):
-    """Images/s of the same step fed by the training stream (load, augment, move to the device)."""
-    train_set, _, _ = load_datasets(args)
-    it, n, t = iter(TrainStream(train_set, args, 0, 1, False, device).epoch(0)), 0, None
-    for i in range(args.bench_warmup + args.bench_steps):
-        try:
-            imgs, _ = next(it)
-        except StopIteration:
+def bench_with_data(args, step, proc):
+    """Images/s of the same step fed by the training stream (load, augment, move to the device).
+    None when the stream ran out before a step could be timed."""
+    stream = Data(args, proc).stream
+    n, t = 0, None
+    for i, (imgs, _) in stream.epoch(0):
+        if i == args.bench_warmup + args.bench_steps:
             break
         if i == args.bench_warmup:
-            sync(device)
+            sync(proc.device)
             t = time.perf_counter()
         step(imgs)
         if t is not None:
             n += imgs.shape[0]
-    sync(device)
-    return n / (time.perf_counter() - t) if t and n else float("nan")
-
-
-# ============================================================================================
-
-def main(argv=None):
-    try:
-        args = parse_args(argv)
-        if args.benchmark:
-            benchmark(args)
-        else:
-            train(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
+    sync(proc.device)
+    return n / (time.perf_counter() - t) if t and n else None
 
 
 if __name__ == "__main__":
