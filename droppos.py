@@ -22,7 +22,6 @@ Shapes: B batch, C channels, H×W image, p patch size, grid h×w = H/p × W/p, N
 raster order (patch k sits at row k // w, column k % w), n visible patches, D encoder width.
 """
 
-import math
 from typing import NamedTuple
 
 import torch
