@@ -210,7 +210,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     given = given_flags(parser, argv)
     if args.resume:
-        args = resumed_args(parser, args, given)
+        args = resumed_args(args, given)
     else:
         check_mode_flags(args, given)
         complete_args(args, given)
@@ -600,7 +600,7 @@ def classification_step(net, imgs, labels, mix, smoothing, num_classes):
 # 4. The run folder: its identity, whole files, checkpoints and exact resume
 # ============================================================================================
 
-def resumed_args(parser, args, given):
+def resumed_args(args, given):
     """The flags a run was started with, from its checkpoint; a typed flag that would change the
     run is refused by name, the free ones (FREE_ON_RESUME) replace the saved ones."""
     path = checkpoint_path(args.resume)
