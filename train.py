@@ -912,11 +912,12 @@ class Data:
         self.stream = TrainStream(self.train, args, proc.rank, proc.world, bool(args.finetune), proc.device)
 
     def picture_images(self):
-        """The first 8 held-out images that can be read, for reassembly.png."""
+        """8 held-out images for reassembly.png, spread over the set: folders list their images
+        class by class, so the first 8 would often be of one class. Unreadable ones are left out."""
         if self.held_out is None:
             return None
         tf, imgs = eval_transform(self.args.img_size, eval_crop_pct(self.args)), []
-        for i in range(len(self.held_out)):
+        for i in range(0, len(self.held_out), max(len(self.held_out) // 8, 1)):
             img = self.held_out[i][0]
             if isinstance(img, str):
                 warn_unreadable([img])
