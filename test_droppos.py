@@ -924,8 +924,9 @@ TRAIN_TINY = ["--dataset", "synthetic", "--synthetic-size", "256", "--batch-size
               "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2",
               "--knn-every", "0", "--precision", "fp32", "--workers", "0", "--device", "cpu",
               "--log-every", "0"]  # a progress line and a metrics.jsonl line for every step
+# Fine-tuning from a checkpoint: no size flags, the encoder comes from the checkpoint.
 ENCODER_TINY = ["--dataset", "synthetic", "--synthetic-size", "256", "--batch-size", "16", "--precision", "fp32",
-                "--workers", "0", "--device", "cpu", "--log-every", "0"]  # fine-tuning: the encoder comes from the checkpoint
+                "--workers", "0", "--device", "cpu", "--log-every", "0"]
 SYNTH = ["--dataset", "synthetic", "--synthetic-size", "64", "--batch-size", "16", "--dim", "32", "--depth", "2",
          "--heads", "2", "--epochs", "1", "--precision", "fp32", "--device", "cpu", "--workers", "0"]
 CPU = train.Proc(0, 1, 0, torch.device("cpu"), "fp32")

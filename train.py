@@ -776,7 +776,8 @@ class RunFolder:
         failed = None
         if self.proc.rank == 0:
             self.log.sync()
-            state = {"mode": self.task.mode, "args": dict(vars(self.args), resume=None), "n_train": len(self.data.train),
+            state = {"mode": self.task.mode, "args": dict(vars(self.args), resume=None),
+                     "n_train": len(self.data.train),
                      "model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "epoch": epoch, "step_in_epoch": step, "ranks": ranks, "task": self.task.state_dict(),
                      "metrics_rows": self.log.rows}
@@ -1442,7 +1443,8 @@ def readable_batches(ds, batch_size, args, proc):
 @torch.no_grad()
 def extract_features(encoder, batches, proc):
     """L2-normalised average of the encoder's patch tokens per image, from every process.  -> (M, D), (M,)."""
-    feats, labels = [torch.zeros(0, encoder.dim, device=proc.device)], [torch.zeros(0, dtype=torch.long, device=proc.device)]
+    feats = [torch.zeros(0, encoder.dim, device=proc.device)]  # so that a process with no images still gathers
+    labels = [torch.zeros(0, dtype=torch.long, device=proc.device)]
     for imgs, y in batches:
         with autocast(proc):
             f = encoder.forward_features(imgs)[:, 1:].mean(1)
@@ -1641,6 +1643,7 @@ class Logger:
             print(line, flush=True)
 
     def step(self, epoch, step, loss, acc, n_imgs, lr, extra):
+        """Count one step (epoch from 0, step from 1 within it); write a line when one is due."""
         stat = torch.stack([loss.detach().float(), acc.detach().float(), torch.ones((), device=loss.device)])
         self.sums += stat
         self.epoch_sums += stat
@@ -1648,7 +1651,8 @@ class Logger:
         now = time.time()
         if now - self.t_last < self.every_s and step != self.steps_per_epoch:
             return
-        loss_mean, acc_mean = self.mean(self.sums, across=False)  # this process's share: no collective off the step grid
+        # This process's share only: the processes log at different steps, so no collective here.
+        loss_mean, acc_mean = self.mean(self.sums, across=False)
         done = epoch * self.steps_per_epoch + step
         ips = self.imgs_since / max(now - self.t_last, 1e-9)
         left = (self.total_steps - done) * (now - self.t_start) / max(done - self.first_step, 1)
@@ -1667,14 +1671,15 @@ class Logger:
         self.sums.zero_()
         self.t_last, self.imgs_since = now, 0
 
-    def epoch_summary(self, epoch, results, left_out):
+    def epoch_summary(self, epochs_done, results, left_out):
         loss_mean, acc_mean = self.mean(self.epoch_sums, across=True)
         self.epoch_sums.zero_()
         elapsed = time.time() - self.t_start
         extra = "".join(f"  {k} {v:.2f}%" for k, v in results.items())
-        self.write({"epoch": epoch, "summary": True, "loss": loss_mean, "acc": acc_mean, **results,
+        self.write({"epoch": epochs_done, "summary": True, "loss": loss_mean, "acc": acc_mean, **results,
                     "skipped_images": left_out, "elapsed_s": elapsed},
-                   f"== epoch {epoch}/{self.epochs} done  loss {loss_mean:.4f}  {self.acc_name} {100 * acc_mean:.2f}%{extra}  "
+                   f"== epoch {epochs_done}/{self.epochs} done  loss {loss_mean:.4f}  {self.acc_name} "
+                   f"{100 * acc_mean:.2f}%{extra}  "
                    f"elapsed {fmt_time(elapsed)}")
 
     def mean(self, sums, across):
