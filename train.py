@@ -311,7 +311,8 @@ def main(argv=None):
         else:
             train(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"error: {e}\n")  # one write: under torchrun the processes' lines stay whole
+        sys.stderr.flush()
         raise SystemExit(2)
     finally:
         if dist.is_initialized():
@@ -336,9 +337,9 @@ def train(args):
     base_lr = args.blr * args.batch_size * proc.world / 256
     clip_each = per_parameter_clip(args.recipe, task.mode)
     log = run.open_log(total_steps)
-    log.header(f"{task.name} on {args.dataset}: {len(data.train)} images, {proc.world} process(es) on "
+    log.header(f"{task.name} on {args.dataset}: {len(data.stream.data)} images, {proc.world} process(es) on "
                f"{proc.device}, {proc.precision}, {task.n_params() / 1e6:.2f}M parameters, lr {base_lr:.2e}, "
-               f"{steps} steps/epoch, {args.epochs} epochs, folder {run.folder}")
+               f"{steps} steps per epoch, {args.epochs} epoch{'s' * (args.epochs > 1)}, folder {run.folder}")
 
     epoch, step, stopped = run.epoch, run.step, None
     with StopRequest() as stop:
@@ -372,7 +373,8 @@ def train(args):
         raise SystemExit(130)
     if stopped == "non-finite":
         raise UserError(f"the loss became non-finite in epoch {epoch + 1} at step {step}; stopped without "
-                        f"saving ({run.last_good()}). Lower --blr, or try --precision fp32")
+                        f"saving ({run.last_good()}). Lower --blr"
+                        + (", or try --precision fp32" if proc.precision == "bf16" else ""))
     run.say(f"run complete: {run.folder}")
     return task.model
 
@@ -722,8 +724,9 @@ class RunFolder:
         if f.exists() and not f.is_dir():
             raise UserError(f"--output-dir {str(f)!r} is a file, not a folder")
         if (f / "metrics.jsonl").exists() and not (f / "checkpoint.pt").exists():
-            raise UserError(f"{str(f)!r} holds the log of a run that stopped before its first checkpoint; "
-                            f"delete the folder or choose another --output-dir")
+            raise UserError(f"{str(f)!r} holds the log of a run that stopped before its first checkpoint, so "
+                            f"there is nothing to resume; delete the folder to start over there, or choose "
+                            f"another --output-dir")
         if any((f / name).exists() for name in RUN_FILES):
             raise UserError(f"{str(f)!r} already holds a run; continue it with `python train.py --resume {f}`, "
                             f"or start over in another --output-dir (or delete the folder first)")
