@@ -314,6 +314,9 @@ def main(argv=None):
         sys.stderr.write(f"error: {e}\n")  # one write: under torchrun the processes' lines stay whole
         sys.stderr.flush()
         raise SystemExit(2)
+    except KeyboardInterrupt:  # Ctrl-C before the loop has taken over the signal: nothing to save yet
+        sys.stderr.write("\ninterrupted before training started; nothing was saved\n")
+        raise SystemExit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
