@@ -1634,7 +1634,6 @@ class Logger:
         self.imgs_since, self.timed = 0, False
         if proc.rank == 0:
             self.cut_metrics(rows_kept)
-            self.file = open(path, "a")
 
     def cut_metrics(self, rows):
         """Keep the rows the checkpoint had seen; rows written after it are about to be redone."""
@@ -1699,6 +1698,8 @@ class Logger:
         if self.proc.rank != 0:
             return
         try:
+            if self.file is None:  # created with its first row: a run that logged nothing leaves no log
+                self.file = open(self.path, "a")
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
         except OSError as e:
