@@ -1115,10 +1115,12 @@ def test_default_folders_differ_for_pretraining_scratch_and_each_checkpoint(tmp_
         (tmp_path / run).mkdir()
         torch.save({}, tmp_path / run / "encoder.pt")
     folder = lambda *argv: train.default_run_name(argparse.Namespace(
-        **dict(dict(dataset="cifar10", finetune=None, seed=0), **dict(zip(argv[::2], argv[1::2])))))
+        **dict(dict(dataset="cifar10", finetune=None, seed=0, recipe="laptop"), **dict(zip(argv[::2], argv[1::2])))))
     names = [folder(), folder("finetune", "scratch"), folder("finetune", str(tmp_path / "a" / "encoder.pt")),
-             folder("finetune", str(tmp_path / "b" / "encoder.pt")), folder("seed", 1)]
-    assert names == ["cifar10-pretrain", "cifar10-scratch", "a-finetune", "b-finetune", "cifar10-pretrain-seed1"]
+             folder("finetune", str(tmp_path / "b" / "encoder.pt")), folder("seed", 1),
+             folder("finetune", "scratch", "recipe", "paper", "seed", 2)]
+    assert names == ["cifar10-pretrain", "cifar10-scratch", "a-finetune", "b-finetune", "cifar10-pretrain-seed1",
+                     "cifar10-scratch-paper-seed2"]
 
 
 def test_paper_pretraining_defaults_are_the_official_ones_and_laptop_stays_as_it_was():

@@ -145,7 +145,8 @@ def build_parser():
 
     g = p.add_argument_group("output and evaluation")
     g.add_argument("--output-dir", help="the run's folder (default: runs/<dataset>-pretrain, "
-                   "runs/<dataset>-scratch or runs/<pre-training run>-finetune, with -seedN for seed N > 0)")
+                   "runs/<dataset>-scratch or runs/<pre-training run>-finetune, then -paper for --recipe "
+                   "paper and -seedN for seed N > 0)")
     g.add_argument("--resume", metavar="FOLDER|CHECKPOINT", help="continue the run in FOLDER exactly where it "
                    "stopped, with the flags it was started with")
     g.add_argument("--knn-every", type=int, default=10, help="k-NN monitor every N epochs and at the end (0 = off)")
@@ -267,14 +268,14 @@ def default_workers(device):
 
 def default_run_name(args):
     """Different runs get different default folders: fine-tuning from scratch, from one
-    pre-training run and from another never share one."""
+    pre-training run and from another, under another recipe or seed, never share one."""
     if not args.finetune:
         name = f"{args.dataset}-pretrain"
     elif args.finetune == "scratch":
         name = f"{args.dataset}-scratch"
     else:
         name = f"{Path(args.finetune).resolve().parent.name}-finetune"
-    return name + (f"-seed{args.seed}" if args.seed else "")
+    return name + (f"-{args.recipe}" if args.recipe != "laptop" else "") + (f"-seed{args.seed}" if args.seed else "")
 
 
 def check_ranges(args):
