@@ -387,7 +387,27 @@ def train(args):
 # 3. Pre-training and fine-tuning: what differs between them, chosen once
 # ============================================================================================
 
-class Pretraining:
+class Task:
+    """What the loop asks of pre-training and of fine-tuning alike. Each sets, once, its model,
+    parameter groups and betas, and says how to take a step and how to evaluate."""
+
+    def n_params(self):
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def log_fields(self, progress):  # extra numbers for the progress line
+        return {}
+
+    def write_outputs(self, folder, only_broken=False):  # files besides checkpoint.pt  -> names written
+        return []
+
+    def state_dict(self):  # what a checkpoint keeps of the task itself
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class Pretraining(Task):
     """DropPos: the model, its optimiser settings, its step, the k-NN monitor, and what a
     pre-training run leaves behind besides its checkpoint (encoder.pt, reassembly.png)."""
 
@@ -432,17 +452,8 @@ class Pretraining:
             written.append(png.name)
         return written
 
-    def state_dict(self):
-        return {}
 
-    def load_state_dict(self, state):
-        pass
-
-    def n_params(self):
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-
-
-class Finetuning(Pretraining):
+class Finetuning(Task):
     """A classifier on the pre-trained (or a random) encoder: MAE's fine-tuning recipe, layer-wise
     lr decay, MixUp/CutMix, label smoothing, and top-1 on the held-out images every epoch."""
 
@@ -462,16 +473,10 @@ class Finetuning(Pretraining):
     def step(self, net, imgs, labels, progress):  # -> loss, training top-1
         return classification_step(net, imgs, labels, self.mix, self.args.smoothing, self.data.num_classes)
 
-    def log_fields(self, progress):
-        return {}
-
-    def evaluate(self, due):
+    def evaluate(self, due):  # every epoch: the classifier lives in checkpoint.pt, its top-1 here
         top1 = evaluate_classifier(self.model, self.data, self.args, self.proc)
         self.best = max(self.best, top1)
         return {"test_top1": top1, "best_top1": self.best}
-
-    def write_outputs(self, folder, only_broken=False):
-        return []  # the classifier lives in checkpoint.pt
 
     def state_dict(self):
         return {"best": self.best}
