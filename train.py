@@ -339,7 +339,6 @@ def train(args):
     steps = data.stream.steps
     total_steps, warmup_steps = steps * args.epochs, int(args.warmup_epochs * steps)
     base_lr = args.blr * args.batch_size * proc.world / 256
-    clip_each = per_parameter_clip(args.recipe, task.mode)
     log = run.open_log(total_steps)
     log.header(f"{task.name} on {args.dataset}: {len(data.stream.data)} images, {proc.world} process(es) on "
                f"{proc.device}, {proc.precision}, {task.n_params() / 1e6:.2f}M parameters, lr {base_lr:.2e}, "
@@ -357,7 +356,7 @@ def train(args):
                 progress = global_step / total_steps
                 with autocast(proc):
                     loss, acc = task.step(net, imgs, labels, progress)
-                optimizer_step(task.model, optimizer, loss, args.clip_grad, clip_each)
+                optimizer_step(task.model, optimizer, loss, args.clip_grad, task.clip_each)
                 log.step(epoch, step + 1, loss, acc, len(imgs), lr, task.log_fields(progress))
                 stopped = stop.agreed(loss, proc)
                 if stopped:
@@ -391,6 +390,11 @@ class Task:
     """What the loop asks of pre-training and of fine-tuning alike. Each sets, once, its model,
     parameter groups and betas, and says how to take a step and how to evaluate."""
 
+    def __init__(self, args, data, proc):
+        self.args, self.data, self.proc = args, data, proc
+        self.clip_each = per_parameter_clip(args.recipe, self.mode)
+        torch.manual_seed(args.seed)  # the same initial weights on every process
+
     def n_params(self):
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
@@ -414,8 +418,7 @@ class Pretraining(Task):
     name, mode, betas, acc_name = "pre-training", "pretrain", (0.9, 0.95), "pos-acc"
 
     def __init__(self, args, data, proc):
-        self.args, self.data, self.proc = args, data, proc
-        torch.manual_seed(args.seed)  # the same initial weights on every process
+        super().__init__(args, data, proc)
         self.model = build_droppos(model_config(args)).to(proc.device)
         self.groups = param_groups(self.model, args.weight_decay, no_decay=no_decay_rule(args.recipe, self.mode))
         self.vis_imgs = data.picture_images() if proc.rank == 0 else None
@@ -460,8 +463,7 @@ class Finetuning(Task):
     name, mode, betas, acc_name = "fine-tuning", "finetune", (0.9, 0.999), "train top-1"
 
     def __init__(self, args, data, proc):
-        self.args, self.data, self.proc = args, data, proc
-        torch.manual_seed(args.seed)
+        super().__init__(args, data, proc)
         self.model = build_classifier(args, data.num_classes).to(proc.device)
         depth = len(self.model.encoder.blocks)
         self.groups = param_groups(self.model, args.weight_decay,
