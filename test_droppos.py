@@ -1245,6 +1245,9 @@ def test_resume_after_sigkill_mid_epoch_reproduces_the_uninterrupted_run_and_its
     # Rows written after the checkpoint were cut and redone: no duplicates, and the same rows
     # (epoch summaries included) as the uninterrupted run.
     assert _learned_rows(out_dir / "metrics.jsonl") == _learned_rows(ref_dir / "metrics.jsonl")
+    # The wall time goes on from the first sitting's checkpoint instead of starting again at 0.
+    elapsed = [r["elapsed_s"] for r in _metrics(out_dir / "metrics.jsonl") if r.get("summary")]
+    assert elapsed == sorted(elapsed) and elapsed[1] > ck["elapsed_s"] >= elapsed[0] > 0
 
 
 @slow

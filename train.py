@@ -720,7 +720,7 @@ class RunFolder:
         self.args, self.proc, self.task, self.optimizer, self.data = args, proc, task, optimizer, data
         self.folder = Path(args.output_dir)
         self.checkpoint = self.folder / "checkpoint.pt"
-        self.epoch, self.step, self.rows, self.sums = 0, 0, 0, None
+        self.epoch, self.step, self.rows, self.sums, self.elapsed_before = 0, 0, 0, None, 0.0
         if args.resume:
             self.restore(Path(args.resume))
         elif proc.rank == 0:
@@ -767,6 +767,7 @@ class RunFolder:
             raise UserError(f"checkpoint {str(path)!r}: optimiser state does not match ({e})") from None
         task.load_state_dict(ck.get("task", {}))
         self.epoch, self.step, self.rows = ck["epoch"], ck["step_in_epoch"], ck["metrics_rows"]
+        self.elapsed_before = ck.get("elapsed_s", 0.0)  # absent from checkpoints of older versions
         mine = ck["ranks"][self.proc.rank]
         self.rng, self.sums = mine["rng"], mine["sums"]
         if self.proc.rank == 0 and self.epoch < args.epochs:
@@ -777,7 +778,7 @@ class RunFolder:
         """The run's Logger, continuing its metrics.jsonl and running sums (a checkpoint saves both)."""
         self.log = Logger(self.folder / "metrics.jsonl", self.rows, self.proc, self.args.log_every,
                           self.data.stream.steps, total_steps, self.epoch * self.data.stream.steps + self.step,
-                          self.sums, self.task.acc_name)
+                          self.sums, self.task.acc_name, self.elapsed_before)
         return self.log
 
     def save(self, epoch, step):
@@ -794,7 +795,7 @@ class RunFolder:
                      "n_train": len(self.data.train),
                      "model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "epoch": epoch, "step_in_epoch": step, "ranks": ranks, "task": self.task.state_dict(),
-                     "metrics_rows": self.log.rows}
+                     "metrics_rows": self.log.rows, "elapsed_s": self.log.elapsed()}
             try:
                 atomic_write(self.checkpoint, lambda f: torch.save(state, f))
             except UserError as e:
@@ -1631,7 +1632,7 @@ class Logger:
     """
 
     def __init__(self, path, rows_kept, proc, every_s, steps_per_epoch, total_steps, first_step, epoch_sums,
-                 acc_name):
+                 acc_name, elapsed_before):
         self.path, self.proc, self.every_s, self.acc_name = path, proc, every_s, acc_name
         self.epochs = total_steps // steps_per_epoch
         self.steps_per_epoch, self.total_steps, self.first_step = steps_per_epoch, total_steps, first_step
@@ -1639,6 +1640,7 @@ class Logger:
         self.epoch_sums = torch.tensor(epoch_sums or [0.0, 0.0, 0.0], device=proc.device)
         self.rows, self.file = rows_kept, None
         self.t_start = self.t_last = time.time()
+        self.elapsed_before = elapsed_before  # earlier sittings of this run, up to its checkpoint
         self.imgs_since, self.timed = 0, False
         if proc.rank == 0:
             self.cut_metrics(rows_kept)
@@ -1687,13 +1689,17 @@ class Logger:
     def epoch_summary(self, epochs_done, results, left_out):
         loss_mean, acc_mean = self.mean(self.epoch_sums, across=True)
         self.epoch_sums.zero_()
-        elapsed = time.time() - self.t_start
+        elapsed = self.elapsed()
         extra = "".join(f"  {k} {v:.2f}%" for k, v in results.items())
         self.write({"epoch": epochs_done, "summary": True, "loss": loss_mean, "acc": acc_mean, **results,
                     "skipped_images": left_out, "elapsed_s": elapsed},
                    f"== epoch {epochs_done}/{self.epochs} done  loss {loss_mean:.4f}  {self.acc_name} "
                    f"{100 * acc_mean:.2f}%{extra}  "
                    f"elapsed {fmt_time(elapsed)}")
+
+    def elapsed(self):
+        """Wall seconds of the run's kept work, summed over every sitting (a resume continues it)."""
+        return self.elapsed_before + time.time() - self.t_start
 
     def mean(self, sums, across):
         if across and self.proc.world > 1:
