@@ -373,7 +373,7 @@ def train(args):
         run.save(epoch, step)
         run.say(f"\ninterrupted: saved {run.checkpoint} in epoch {epoch + 1} after step {step}; continue with: "
                 f"python train.py --resume {run.folder}", err=True)
-        raise SystemExit(130)
+        raise SystemExit(128 + (stop.signalled or signal.SIGINT))
     if stopped == "non-finite":
         raise UserError(f"the loss became non-finite in epoch {epoch + 1} at step {step}; stopped without "
                         f"saving ({run.last_good()}). Lower --blr"
@@ -887,7 +887,7 @@ class StopRequest:
     an update; a second one quits at once without saving."""
 
     def __enter__(self):
-        self.signalled = False
+        self.signalled = 0  # the signal's number once one came
         self.old = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -895,17 +895,17 @@ class StopRequest:
         for s, handler in self.old.items():
             signal.signal(s, handler)
 
-    def on_signal(self, *_):
+    def on_signal(self, signum, _):
         if self.signalled:
             print("\ninterrupted twice: quit without saving", file=sys.stderr, flush=True)
-            raise SystemExit(130)
-        self.signalled = True
+            raise SystemExit(128 + signum)
+        self.signalled = signum
 
     def agreed(self, loss, proc):
         """'non-finite', 'interrupted' or None, the same on every process after the same step. It
         reads one number per step from the device: the price of never leaving a process behind."""
         bad = ~torch.isfinite(loss.detach())
-        status = torch.stack([bad.float(), torch.tensor(float(self.signalled), device=loss.device)])
+        status = torch.stack([bad.float(), torch.tensor(float(bool(self.signalled)), device=loss.device)])
         if proc.world > 1:
             dist.all_reduce(status, op=dist.ReduceOp.MAX)
         bad, sig = status.tolist()
@@ -1864,4 +1864,12 @@ def bench_with_data(args, step, proc):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:
+        # Stopped by Ctrl-C or SIGTERM, with the checkpoint saved: die of that signal, as a shell
+        # expects, so `for s in 0 1 2; do python train.py ...; done` stops instead of going on.
+        if e.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            signal.signal(e.code - 128, signal.SIG_DFL)
+            os.kill(os.getpid(), e.code - 128)
+        raise
