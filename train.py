@@ -317,7 +317,7 @@ def main(argv=None):
         raise SystemExit(2)
     except KeyboardInterrupt:  # Ctrl-C before the loop has taken over the signal: nothing to save yet
         sys.stderr.write("\ninterrupted before training started; nothing was saved\n")
-        raise SystemExit(130)
+        raise SystemExit(128 + signal.SIGINT)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
