@@ -1172,7 +1172,7 @@ def test_recipe_is_a_run_flag_and_help_states_the_paper_defaults():
 def test_pretraining_run_writes_metrics_checkpoint_timm_encoder_and_picture(pretrained_run):
     out_dir, stdout = pretrained_run
     assert {p.name for p in out_dir.iterdir()} == {"metrics.jsonl", "checkpoint.pt", "encoder.pt",
-                                                   "reassembly.png"}  # no temporary file left behind
+                                                   "reassembly.png", ".lock"}  # no temporary file
 
     # metrics.jsonl: one JSON object per line; with --log-every 0 one line per step, and one
     # summary per epoch. Epochs count from 1, as on the console.
@@ -1182,11 +1182,14 @@ def test_pretraining_run_writes_metrics_checkpoint_timm_encoder_and_picture(pret
     assert [r["step"] for r in steps] == list(range(1, TRAIN_EPOCHS * TRAIN_STEPS_PER_EPOCH + 1))
     assert [r["epoch"] for r in steps] == [1 + i // TRAIN_STEPS_PER_EPOCH for i in range(len(steps))]
     assert [r["epoch"] for r in summaries] == list(range(1, TRAIN_EPOCHS + 1))
-    for r in steps:
-        assert {"epoch", "loss", "acc", "lr", "sigma", "images_per_sec"} <= r.keys()
-        assert math.isfinite(r["loss"]) and 0 <= r["acc"] <= 1 and r["lr"] > 0 and r["sigma"] >= 0
+    for r in steps:  # accuracies in percent, as every accuracy in metrics.jsonl
+        assert {"epoch", "loss", "pos_top1", "lr", "sigma", "images_per_sec"} <= r.keys()
+        assert math.isfinite(r["loss"]) and 0 <= r["pos_top1"] <= 100 and r["lr"] > 0 and r["sigma"] >= 0
     for r in summaries:
-        assert math.isfinite(r["loss"]) and 0 <= r["acc"] <= 1 and r["skipped_images"] == 0
+        assert math.isfinite(r["loss"]) and 0 <= r["pos_top1"] <= 100 and r["skipped_images"] == 0
+    # The percent the console shows for the last step, not a fraction of it.
+    shown = float(re.findall(r"pos-acc (\d+\.\d+)%", stdout.split("== epoch 3/3")[0])[-1])
+    assert f"{steps[-1]['pos_top1']:.2f}" == f"{shown:.2f}"
     sigmas = [r["sigma"] for r in steps]
     assert sigmas[0] == 1.0 and sigmas == sorted(sigmas, reverse=True)  # σ0 = 1 decays
 
@@ -1216,7 +1219,7 @@ def test_pretraining_run_writes_metrics_checkpoint_timm_encoder_and_picture(pret
     line = re.compile(r"epoch \d+/3 +step \d+/16 +loss \d+\.\d+ +pos-acc \d+\.\d+% +lr \d\.\d+e[-+]\d+ +"
                       r"σ \d\.\d+ +\d+ img/s +left \d+:\d\d:\d\d")
     assert len(line.findall(stdout)) == TRAIN_EPOCHS * TRAIN_STEPS_PER_EPOCH
-    assert re.search(r"timed the first \d+ steps: .* this run take about \d+:\d\d:\d\d", stdout)
+    assert re.search(r"timed \d+ steps after the first: .* steps left take about \d+:\d\d:\d\d", stdout)
 
 
 def _start_and_reach_second_epoch(tmp_path, torchrun=False, epochs=TRAIN_EPOCHS):
@@ -1458,6 +1461,92 @@ def test_a_new_run_into_a_folder_holding_a_run_refuses_and_touches_nothing(run_c
     assert _snapshot(run_copy) == before
 
 
+@slow
+def test_two_runs_started_together_into_one_folder_one_trains_the_other_refuses_naming_it(tmp_path):
+    out_dir = tmp_path / "same"
+    argv = TRAIN_TINY + ["--epochs", 2, "--output-dir", out_dir]
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    procs = [_start_train(argv, tmp_path / d) for d in "ab"]
+    for p in procs:
+        _wait(p)
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], codes
+    loser = next(d for d, p in zip("ab", procs) if p.returncode == 2)
+    line = (tmp_path / loser / "stderr.txt").read_text().strip()
+    winner_pid = next(p.pid for p in procs if p.returncode == 0)
+    assert line.startswith("error: ") and "\n" not in line and f"pid {winner_pid}" in line, line
+    steps = [r["step"] for r in _metrics(out_dir / "metrics.jsonl") if not r.get("summary")]
+    assert steps == list(range(1, 2 * TRAIN_STEPS_PER_EPOCH + 1))  # one run's rows, once
+
+
+@slow
+def test_a_second_run_into_a_live_runs_folder_refuses_naming_it_and_touches_nothing(tmp_path, capsys):
+    # A run still in its first epoch (no checkpoint yet): neither a new run nor --resume may go in,
+    # and neither is told to delete the folder.
+    long_epoch = TRAIN_TINY + ["--synthetic-size", 8000, "--epochs", 2, "--output-dir", tmp_path / "run"]
+    proc = _start_train(long_epoch, tmp_path)
+    try:
+        _wait_for_step_of_epoch(proc, tmp_path / "run" / "metrics.jsonl", epoch=1)
+        for argv in (long_epoch,
+                     ["--resume", tmp_path / "run"]):
+            line = _fails(argv, capsys)
+            assert f"pid {proc.pid}" in line and "delete" not in line, line
+        assert proc.poll() is None  # still training
+    finally:
+        proc.kill()
+        proc.wait()
+    # Dead now (SIGKILL, before any checkpoint): the lock is stale and --resume says why nothing is
+    # there to continue, instead of "does not exist".
+    line = _fails(["--resume", tmp_path / "run"], capsys)
+    assert "stopped before it wrote the first one" in line
+
+
+def test_a_lock_left_by_a_killed_run_is_stale_and_a_live_one_is_named(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / ".lock").write_text("pid 999999: train.py\n")  # written by a process now dead
+    assert train.live_owner(folder) is None
+    args = argparse.Namespace(output_dir=str(folder), resume=str(folder))
+    with train.FolderLock(args):  # taken over without complaint, and named while held
+        assert train.live_owner(folder) == f"pid {os.getpid()}: {' '.join(sys.argv)}"[:200]
+    assert train.live_owner(folder) is None
+
+
+def _busy(stop):
+    while not stop.is_set():
+        sum(i * i for i in range(10_000))
+
+
+@pytest.mark.parametrize("flags, chosen", [({"avx512_bf16", "avx2"}, "bf16"), ({"amx_bf16"}, "bf16"),
+                                           ({"avx2", "avx512f"}, "fp32"), (set(), "fp32")])
+def test_precision_auto_follows_the_cpus_bf16_units_the_same_on_every_start_under_load(flags, chosen,
+                                                                                         monkeypatch):
+    import threading
+    monkeypatch.setattr(train, "cpu_flags", lambda: flags)
+    stop = threading.Event()
+    busy = [threading.Thread(target=_busy, args=(stop,)) for _ in range(2)]
+    for t in busy:
+        t.start()
+    try:
+        picks = {train.pick_precision("auto", torch.device("cpu"))[0] for _ in range(30)}
+    finally:
+        stop.set()
+    assert picks == {chosen}
+    assert train.pick_precision("fp32", torch.device("cpu"))[0] == "fp32"
+
+
+def test_cpu_flags_are_read_from_the_operating_system():
+    flags = train.cpu_flags()
+    if Path("/proc/cpuinfo").exists() and "flags" in Path("/proc/cpuinfo").read_text():
+        assert flags and all(isinstance(f, str) and " " not in f for f in flags)
+
+
+def test_precision_is_in_the_start_up_line_and_the_checkpoint(pretrained_run):
+    out_dir, stdout = pretrained_run
+    assert "fp32 (asked for)" in stdout.splitlines()[0]
+    assert torch.load(out_dir / "checkpoint.pt", weights_only=True)["precision"] == "fp32"
+
+
 # A flag that would change the run, and its value in the reference run.
 CHANGING_FLAGS = [("--epochs", "5", 3), ("--batch-size", "8", 16), ("--mask-ratio", "0.5", 0.75),
                   ("--dataset", "cifar10", "synthetic"), ("--seed", "1", 0), ("--sigma", "0", 1.0),
@@ -1578,7 +1667,8 @@ def test_two_process_gloo_run_under_torchrun_writes_once_from_rank_0_and_runs_kn
     assert all(0 <= r["knn_top1"] <= 100 for r in summaries)  # every process embedded its share
     per_rank_steps = TRAIN_STEPS_PER_EPOCH // 2  # each process sees half of every epoch
     assert [r["step"] for r in records if not r.get("summary")] == list(range(1, epochs * per_rank_steps + 1))
-    assert {p.name for p in out_dir.iterdir()} == {"metrics.jsonl", "checkpoint.pt", "encoder.pt", "reassembly.png"}
+    assert {p.name for p in out_dir.iterdir()} == {"metrics.jsonl", "checkpoint.pt", "encoder.pt", "reassembly.png",
+                                                   ".lock"}
     ck = torch.load(out_dir / "checkpoint.pt", weights_only=True)
     assert (ck["epoch"], ck["step_in_epoch"]) == (epochs, 0)
     assert len(ck["ranks"]) == 2  # both processes' random state, for an exact resume
@@ -1605,6 +1695,36 @@ def test_sigterm_under_torchrun_saves_a_checkpoint_of_every_process_within_secon
     assert "interrupted: saved" in stderr
     ck = torch.load(out_dir / "checkpoint.pt", weights_only=True)
     assert ck["epoch"] >= 1 and len(ck["ranks"]) == 2
+
+
+def _pids_running(marker):
+    """Pids of the processes whose command line contains `marker`."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
+@slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the workers through /proc")
+def test_workers_of_a_killed_torchrun_stop_by_themselves_within_seconds(tmp_path):
+    proc, out_dir = _start_and_reach_second_epoch(tmp_path, torchrun=True, epochs=50)
+    workers = [p for p in _pids_running(str(out_dir)) if p != proc.pid]
+    assert len(workers) == 2, workers
+    proc.kill()  # SIGKILL torchrun: nobody tells its workers
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while _pids_running(str(out_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _pids_running(str(out_dir)), "the workers trained on without their torchrun"
+    assert "torchrun (pid" in (tmp_path / "stderr.txt").read_text()
+    # They saved where they were: the run resumes (the lock died with them).
+    assert torch.load(out_dir / "checkpoint.pt", weights_only=True)["epoch"] >= 1
+    assert train.live_owner(out_dir) is None
 
 
 def test_per_image_augmentation_leaves_the_global_cpu_and_cuda_rngs_untouched():
@@ -1749,6 +1869,94 @@ def test_unreadable_images_are_skipped_named_and_counted_without_losing_the_epoc
     summaries = [r for r in _metrics(out_dir / "metrics.jsonl") if r.get("summary")]
     assert [r["skipped_images"] for r in summaries] == [1, 1]
     assert [r["step"] for r in _metrics(out_dir / "metrics.jsonl") if not r.get("summary")] == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def _warnings_of(argv, capsys):
+    """The warning lines a one-epoch run prints before its first step."""
+    _train_in_process(argv + ["--epochs", 1, "--knn-every", 0])
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+
+
+IMG_TINY = ["--dataset", "imagefolder", "--batch-size", "4", "--dim", "32", "--depth", "1", "--heads", "2",
+            "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--precision", "fp32",
+            "--device", "cpu", "--workers", "0"]
+AT_16_PX = ["--img-size", "16", "--patch-size", "4"]
+
+
+@slow
+@pytest.mark.parametrize("case", ["one class", "split-named classes", "class without training image",
+                                  "untyped image size", "heads against the preset"])
+def test_set_ups_that_are_almost_certainly_wrong_are_warned_before_training(case, tmp_path, capsys):
+    data, argv = tmp_path / "data", IMG_TINY + AT_16_PX + ["--output-dir", tmp_path / "out"]
+    if case == "one class":
+        _image_folder(data, 16, classes=("cat",))
+        phrase = "one class"
+    elif case == "split-named classes":  # the parent of train/ and test/ given as --data-dir
+        _image_folder(data, 16, classes=("test", "train"))
+        phrase = "named like splits"
+    elif case == "class without training image":  # its only image is the first held-out one
+        _image_folder(data, 16, per_class=1, classes=("ant",))
+        _image_folder(data / "..", 16, classes=("data/bee",))
+        phrase = "no training image (e.g. 'ant')"
+    elif case == "untyped image size":
+        _image_folder(data, 16, per_class=12)
+        argv = IMG_TINY + ["--patch-size", "56", "--output-dir", tmp_path / "out"]
+        phrase = "are 16x16 px, but --imagefolder trains at 224 px"
+    else:
+        _image_folder(data, 16)
+        argv += ["--dim", "192", "--heads", "4"]
+        phrase = "ViT-Tiny (width 192) has 3"
+    warnings = _warnings_of(argv + ["--data-dir", data], capsys)
+    assert any(phrase in w for w in warnings), warnings
+
+
+def test_a_plain_set_up_warns_nothing_and_its_start_up_line_names_the_data(pretrained_run, capsys):
+    _, stdout = pretrained_run
+    assert "256 images in 10 classes (25-26 per class), 32 px, patch 4, grid 8x8" in stdout.splitlines()[0]
+
+
+def test_the_time_estimate_leaves_out_the_first_step_of_a_sitting(tmp_path, monkeypatch, capsys):
+    clock = iter([0.0] + [100.0 + i for i in range(20)])  # the first step compiles for 100 s
+    monkeypatch.setattr(train.time, "time", lambda: next(clock))
+    log = train.Logger(tmp_path / "m.jsonl", 0, CPU, 0, 10, 100, 0, None, ("pos-acc", "pos_top1"), 0.0)
+    one = torch.tensor(1.0)
+    for step in range(1, 8):
+        log.step(0, step, one, one, 16, 1e-3, {})
+    out = capsys.readouterr().out
+    assert "1.00 s/step, so the 100 steps left take about 0:01:40" in out
+    assert "left 0:01:33" in out.splitlines()[-1]  # 93 steps left at 1 s each
+
+
+def test_a_corrupt_cifar_archive_already_in_place_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "cifar-10-python.tar.gz").write_bytes(b"half an archive")
+    line = _fails(["--dataset", "cifar10", "--data-dir", tmp_path / "data", "--output-dir", tmp_path / "o"],
+                  capsys)
+    assert "corrupt or incomplete" in line and "cifar-10-python.tar.gz" in line
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_failed_download_leaves_nothing_behind(existed, tmp_path, monkeypatch, capsys):
+    for var in ("https_proxy", "http_proxy", "HTTPS_PROXY", "HTTP_PROXY"):  # a closed local port
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.setenv("no_proxy", "")
+    monkeypatch.setenv("NO_PROXY", "")
+    data = tmp_path / "data"
+    if existed:
+        data.mkdir()
+        (data / "mine.txt").write_text("the user's")
+    line = _fails(["--dataset", "cifar10", "--data-dir", data, "--output-dir", tmp_path / "o"], capsys)
+    assert "--dataset synthetic" in line
+    assert sorted(p.name for p in data.iterdir()) == ["mine.txt"] if existed else not data.exists()
+
+
+def test_a_new_run_clears_a_write_that_a_killed_run_left_unfinished(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".checkpoint.pt.tmp").write_bytes(b"")  # kill -9 during the first checkpoint write
+    assert "stopped before it wrote the first one" in _fails(["--resume", out], capsys)
+    _train_in_process(SYNTH + ["--knn-every", 0, "--output-dir", out])
+    assert not list(out.glob(".*.tmp")) and (out / "checkpoint.pt").exists()
 
 
 @slow

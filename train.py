@@ -14,13 +14,16 @@ evaluation, logging), and the benchmark.
 """
 
 import argparse
+import fcntl
 import json
 import math
 import os
 import random
 import resource
+import shutil
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -251,6 +254,12 @@ def complete_args(args, given):
         take_encoder_shape(args, given)
     if args.img_size is None:
         args.img_size = DATASETS[args.dataset]
+        native = first_image_size(args)
+        if native and native != (args.img_size, args.img_size):
+            warn(f"the images in --data-dir are {native[0]}x{native[1]} px, but --{args.dataset} trains at "
+                 f"{args.img_size} px unless told otherwise: pass --img-size {min(native)} to train "
+                 f"at their size")
+    check_heads(args, given)
     if args.patch_size is None:
         args.patch_size = 4 if args.img_size == 32 else 16
     for name, value in RECIPES[args.recipe]["finetune" if args.finetune else "pretrain"].items():
@@ -260,6 +269,33 @@ def complete_args(args, given):
         args.workers = default_workers(args.device)
     if args.output_dir is None:
         args.output_dir = str(Path("runs") / default_run_name(args))
+
+
+def first_image_size(args):
+    """(width, height) of the first image of an ImageFolder --data-dir; None when there is none."""
+    if args.dataset != "imagefolder" or not Path(args.data_dir).is_dir():
+        return None
+    for folder in sorted(d for d in Path(args.data_dir).iterdir() if d.is_dir()):
+        for path in sorted(folder.iterdir()):
+            try:
+                with Image.open(path) as im:
+                    return im.size
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                continue
+    return None
+
+
+def check_heads(args, given):
+    """A typed --heads that splits a preset's width differently from that preset is most likely a
+    slip: the weights load either way, but the encoder computes something else."""
+    dim = args.dim or PRESETS[args.model]["dim"]
+    heads = args.heads or PRESETS[args.model]["heads"]
+    if dim % heads:
+        return  # refused when the model is built: the width must split into equal heads
+    preset = next((name for name, p in PRESETS.items() if p["dim"] == dim), None)
+    if "heads" in given and preset and PRESETS[preset]["heads"] != heads:
+        warn(f"--heads {heads} splits width {dim} into heads of {dim // heads}; ViT-{preset.title()} "
+             f"(width {dim}) has {PRESETS[preset]['heads']} of {dim // PRESETS[preset]['heads']}")
 
 
 def default_workers(device):
@@ -310,7 +346,8 @@ def main(argv=None):
         if args.benchmark:
             benchmark(args)
         else:
-            train(args)
+            with FolderLock(args):
+                train(args)
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")  # one write: under torchrun the processes' lines stay whole
         sys.stderr.flush()
@@ -340,9 +377,10 @@ def train(args):
     total_steps, warmup_steps = steps * args.epochs, int(args.warmup_epochs * steps)
     base_lr = args.blr * args.batch_size * proc.world / 256
     log = run.open_log(total_steps)
-    log.header(f"{task.name} on {args.dataset}: {len(data.stream.data)} images, {proc.world} process(es) on "
-               f"{proc.device}, {proc.precision}, {task.n_params() / 1e6:.2f}M parameters, lr {base_lr:.2e}, "
-               f"{steps} steps per epoch, {args.epochs} epoch{'s' * (args.epochs > 1)}, folder {run.folder}")
+    log.header(f"{task.name}{task.source} on {args.dataset}: {data.describe()}; {proc.world} "
+               f"process(es) on {proc.device}, {proc.precision} ({proc.precision_why}); "
+               f"{task.n_params() / 1e6:.2f}M parameters, lr {base_lr:.2e}, {steps} steps per epoch, "
+               f"{args.epochs} epoch{'s' * (args.epochs > 1)}, folder {run.folder}")
 
     epoch, step, stopped = run.epoch, run.step, None
     with StopRequest() as stop:
@@ -398,6 +436,8 @@ class Task:
     def n_params(self):
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
+    source = ""  # where the weights come from, for the start-up line
+
     def log_fields(self, progress):  # extra numbers for the progress line
         return {}
 
@@ -415,7 +455,7 @@ class Pretraining(Task):
     """DropPos: the model, its optimiser settings, its step, the k-NN monitor, and what a
     pre-training run leaves behind besides its checkpoint (encoder.pt, reassembly.png)."""
 
-    name, mode, betas, acc_name = "pre-training", "pretrain", (0.9, 0.95), "pos-acc"
+    name, mode, betas, acc_name, acc_key = "pre-training", "pretrain", (0.9, 0.95), "pos-acc", "pos_top1"
 
     def __init__(self, args, data, proc):
         super().__init__(args, data, proc)
@@ -460,7 +500,7 @@ class Finetuning(Task):
     """A classifier on the pre-trained (or a random) encoder: MAE's fine-tuning recipe, layer-wise
     lr decay, MixUp/CutMix, label smoothing, and top-1 on the held-out images every epoch."""
 
-    name, mode, betas, acc_name = "fine-tuning", "finetune", (0.9, 0.999), "train top-1"
+    name, mode, betas, acc_name, acc_key = "fine-tuning", "finetune", (0.9, 0.999), "train top-1", "train_top1"
 
     def __init__(self, args, data, proc):
         super().__init__(args, data, proc)
@@ -636,8 +676,21 @@ def resumed_args(args, given):
 
 
 def checkpoint_path(resume):
+    """The checkpoint --resume names; a folder without one is explained, not just 'missing'."""
     path = Path(resume)
-    return path / "checkpoint.pt" if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    if (path / "checkpoint.pt").exists():
+        return path / "checkpoint.pt"
+    owner = live_owner(path)
+    if owner:
+        raise UserError(f"{str(path)!r} holds no checkpoint yet: its run is still in its first epoch "
+                        f"({owner}) and writes one when the epoch ends")
+    if (path / "metrics.jsonl").exists() or (path / ".checkpoint.pt.tmp").exists():
+        raise UserError(f"{str(path)!r} holds no checkpoint: its run stopped before it wrote the first one "
+                        f"(at the end of epoch 1), so there is nothing to resume; delete the folder and "
+                        f"start the run again")
+    raise UserError(f"{str(path)!r} holds no run (no checkpoint.pt)")
 
 
 def load_checkpoint(path):
@@ -711,6 +764,91 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+class FolderLock:
+    """A live run owns its folder: rank 0 holds `.lock` in it with flock(2) for as long as the run
+    lives. The kernel drops the lock when the process dies however it dies (kill -9, power loss), so
+    a dead run never blocks its own --resume, and a second run into a live run's folder is refused
+    before it touches anything. The file holds the owner's pid and command, for that refusal."""
+
+    def __init__(self, args):
+        self.folder, self.args, self.fd = Path(args.output_dir), args, None
+
+    def __enter__(self):
+        if int(os.environ.get("RANK", 0)) != 0:  # under torchrun rank 0 holds it for the run
+            return self
+        f, new_run = self.folder, not self.args.resume
+        if f.exists() and not f.is_dir():
+            raise UserError(f"--output-dir {str(f)!r} is a file, not a folder")
+        try:
+            f.mkdir(parents=True, exist_ok=True)
+            created = not (f / ".lock").exists()
+            self.fd = os.open(f / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot create the output folder {str(f)!r}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise UserError(f"{str(f)!r} belongs to a run that is still going ({live_owner(f)}); let it "
+                            f"finish or stop it, then continue it with `python train.py --resume {f}`, "
+                            f"or start another run in another --output-dir") from None
+        try:
+            if new_run:
+                self.refuse_a_folder_with_a_run(created)
+            for stale in f.glob(".*.tmp"):  # a write that a killed run never finished
+                stale.unlink()
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"pid {os.getpid()}: {' '.join(sys.argv)}"[:200].encode())
+            probe = f / ".write-test"
+            atomic_write(probe, lambda fh: fh.write(b"ok"))  # read-only or full: say so before training
+            probe.unlink()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def refuse_a_folder_with_a_run(self, created_lock):
+        f = self.folder
+        why = None
+        if (f / "metrics.jsonl").exists() and not (f / "checkpoint.pt").exists():
+            why = (f"{str(f)!r} holds the log of a run that stopped before its first checkpoint, so there "
+                   f"is nothing to resume; delete the folder to start over there, or choose another "
+                   f"--output-dir")
+        elif any((f / name).exists() for name in RUN_FILES):
+            why = (f"{str(f)!r} already holds a run; continue it with `python train.py --resume {f}`, "
+                   f"or start over in another --output-dir (or delete the folder first)")
+        if why:
+            if created_lock:  # leave the folder as it was
+                (f / ".lock").unlink()
+            raise UserError(why)
+
+    def __exit__(self, *_):
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None
+
+
+def live_owner(folder):
+    """Who holds `folder`'s lock: its pid and command, or None when no live process does."""
+    try:
+        fd = os.open(Path(folder) / ".lock", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # nobody holds it: whoever wrote it is dead
+    except BlockingIOError:
+        for _ in range(20):  # the owner writes its pid right after taking the lock
+            text = Path(folder, ".lock").read_text().strip()
+            if text:
+                return text
+            time.sleep(0.05)
+        return "a process that is starting up"
+    finally:
+        os.close(fd)
+
+
 class RunFolder:
     """Everything exact resume needs, in one place. A new run claims a folder that holds no run;
     a resumed one restores model, optimiser, epoch, step, every process's RNG state and running
@@ -723,31 +861,10 @@ class RunFolder:
         self.epoch, self.step, self.rows, self.sums, self.elapsed_before = 0, 0, 0, None, 0.0
         if args.resume:
             self.restore(Path(args.resume))
-        elif proc.rank == 0:
-            self.claim()
         torch.manual_seed(args.seed + proc.rank)  # masking differs per process, data order is shared
         random.seed(args.seed + proc.rank)
         if args.resume:
             set_rng_state(self.rng)
-
-    def claim(self):
-        f = self.folder
-        if f.exists() and not f.is_dir():
-            raise UserError(f"--output-dir {str(f)!r} is a file, not a folder")
-        if (f / "metrics.jsonl").exists() and not (f / "checkpoint.pt").exists():
-            raise UserError(f"{str(f)!r} holds the log of a run that stopped before its first checkpoint, so "
-                            f"there is nothing to resume; delete the folder to start over there, or choose "
-                            f"another --output-dir")
-        if any((f / name).exists() for name in RUN_FILES):
-            raise UserError(f"{str(f)!r} already holds a run; continue it with `python train.py --resume {f}`, "
-                            f"or start over in another --output-dir (or delete the folder first)")
-        try:
-            f.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create the output folder {str(f)!r}: {e.strerror or e}") from None
-        probe = f / ".write-test"
-        atomic_write(probe, lambda fh: fh.write(b"ok"))  # read-only or full: say so before training
-        probe.unlink()
 
     def restore(self, path):
         ck = load_training_checkpoint(path)
@@ -770,6 +887,9 @@ class RunFolder:
         self.elapsed_before = ck.get("elapsed_s", 0.0)  # absent from checkpoints of older versions
         mine = ck["ranks"][self.proc.rank]
         self.rng, self.sums = mine["rng"], mine["sums"]
+        if ck.get("precision", self.proc.precision) != self.proc.precision and self.proc.rank == 0:
+            warn(f"the run trained in {ck['precision']} so far and goes on in {self.proc.precision} "
+                 f"({self.proc.precision_why}); pass --precision {ck['precision']} to keep it")
         if self.proc.rank == 0 and self.epoch < args.epochs:
             print(f"resumed {str(self.folder)!r} at epoch {self.epoch + 1} step {self.step} "
                   f"({args.epochs} epochs in all)", flush=True)
@@ -778,7 +898,7 @@ class RunFolder:
         """The run's Logger, continuing its metrics.jsonl and running sums (a checkpoint saves both)."""
         self.log = Logger(self.folder / "metrics.jsonl", self.rows, self.proc, self.args.log_every,
                           self.data.stream.steps, total_steps, self.epoch * self.data.stream.steps + self.step,
-                          self.sums, self.task.acc_name, self.elapsed_before)
+                          self.sums, (self.task.acc_name, self.task.acc_key), self.elapsed_before)
         return self.log
 
     def save(self, epoch, step):
@@ -795,7 +915,8 @@ class RunFolder:
                      "n_train": len(self.data.train),
                      "model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "epoch": epoch, "step_in_epoch": step, "ranks": ranks, "task": self.task.state_dict(),
-                     "metrics_rows": self.log.rows, "elapsed_s": self.log.elapsed()}
+                     "metrics_rows": self.log.rows, "elapsed_s": self.log.elapsed(),
+                     "precision": self.proc.precision}
             try:
                 atomic_write(self.checkpoint, lambda f: torch.save(state, f))
             except UserError as e:
@@ -831,6 +952,7 @@ class Proc(NamedTuple):
     local: int
     device: torch.device
     precision: str
+    precision_why: str = "asked for"
 
 
 def start_processes(args):
@@ -844,7 +966,10 @@ def start_processes(args):
         dist.init_process_group(backend)
         rank = dist.get_rank()
     device = pick_device(args.device, local)
-    return Proc(rank, world, local, device, pick_precision(args.precision, device))
+    proc = Proc(rank, world, local, device, *pick_precision(args.precision, device))
+    if agree(proc.precision == "fp32", proc):  # every process of a run at one precision
+        proc = proc._replace(precision="fp32")
+    return proc
 
 
 def pick_device(name, local_rank):
@@ -856,15 +981,25 @@ def pick_device(name, local_rank):
 
 
 def pick_precision(name, device):
-    """bf16 autocast where it pays: every recent GPU, and CPUs with bf16 matmul units
-    (avx512_bf16/AMX). On a CPU without them, bf16 matmuls run ~100× slower than fp32."""
+    """--precision auto, decided by what the hardware is, never by a timing race: bf16 autocast on
+    a GPU that supports it, and on a CPU only with bf16 matmul units (avx512_bf16 or AMX), where it
+    runs ~2x fp32; elsewhere bf16 matmuls are emulated, ~100x slower.  -> (precision, why)."""
     if name != "auto":
-        return name
+        return name, "asked for"
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    fast = matmul_flops(device, torch.bfloat16, max_n=512, budget_s=0.05) > \
-        matmul_flops(device, torch.float32, max_n=512, budget_s=0.05)
-    return "bf16" if fast else "fp32"
+        fast, why = torch.cuda.is_bf16_supported(), "the GPU's bf16 support"
+    else:
+        fast, why = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}), "avx512_bf16/amx_bf16 in the CPU flags"
+    return ("bf16" if fast else "fp32"), f"auto: {'' if fast else 'no '}{why}"
+
+
+def cpu_flags():
+    """The CPU's feature flags as Linux reports them (empty elsewhere: fp32 is the safe default)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
 
 
 def autocast(proc):
@@ -884,16 +1019,28 @@ def agree(flag, proc):
 
 class StopRequest:
     """Ctrl-C and SIGTERM only set a flag, so a run stops between two steps, never half-way through
-    an update; a second one quits at once without saving."""
+    an update; a second one quits at once without saving. Under torchrun a worker whose torchrun
+    died (kill -9) is not told so by anyone: it checks its parent every second and stops alike."""
 
     def __enter__(self):
         self.signalled = 0  # the signal's number once one came
         self.old = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.active = True
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            threading.Thread(target=self.watch_parent, args=(os.getppid(),), daemon=True).start()
         return self
 
     def __exit__(self, *_):
+        self.active = False
         for s, handler in self.old.items():
             signal.signal(s, handler)
+
+    def watch_parent(self, parent):
+        while self.active and not self.signalled:
+            time.sleep(1)
+            if os.getppid() != parent:  # re-parented: torchrun is gone
+                print(f"\ntorchrun (pid {parent}) is gone: saving and stopping", file=sys.stderr, flush=True)
+                self.signalled = signal.SIGTERM
 
     def on_signal(self, signum, _):
         if self.signalled:
@@ -925,7 +1072,41 @@ class Data:
             raise UserError(f"the training set has {len(self.train)} images, fewer than one batch "
                             f"({args.batch_size} × {proc.world} processes); lower --batch-size")
         self.args = args
+        self.per_class = self.class_counts()
+        if proc.rank == 0:
+            self.warn_about_classes()
         self.stream = TrainStream(self.train, args, proc.rank, proc.world, bool(args.finetune), proc.device)
+
+    def class_counts(self):
+        """Training images per class, for every class the run has (0 for a class with none)."""
+        targets = targets_of(self.train.dataset)
+        counts = [0] * self.num_classes
+        for i in self.train.indices:
+            counts[targets[i]] += 1
+        return counts
+
+    def warn_about_classes(self):
+        """Set-ups that train without complaint but are almost certainly not what was meant."""
+        names = getattr(self.train.dataset, "classes", None) or [str(c) for c in range(self.num_classes)]
+        if self.num_classes == 1:
+            warn("the data has one class: k-NN and fine-tuning top-1 are 100 % whatever is learned")
+        empty = [names[c] for c, n in enumerate(self.per_class) if n == 0]
+        if empty:
+            warn(f"{len(empty)} class(es) have no training image (e.g. {empty[0]!r}): the held-out "
+                 f"images of such a class cannot be classified right")
+        splits = sorted({n.lower() for n in names} & {"train", "training", "test", "val", "valid",
+                                                     "validation"})
+        if splits:
+            warn(f"the class folders of --data-dir are named like splits ({', '.join(splits)}): "
+                 f"--data-dir should be the training split itself, e.g. --data-dir "
+                 f"{Path(self.args.data_dir) / splits[-1]}")
+
+    def describe(self):
+        """The start-up line's account of the data."""
+        a, (h, w) = self.args, droppos.grid_size(self.args.img_size, self.args.patch_size)
+        return (f"{len(self.stream.data)} images in {self.num_classes} classes "
+                f"({min(self.per_class)}-{max(self.per_class)} per class), {a.img_size} px, "
+                f"patch {a.patch_size}, grid {h}x{w}")
 
     def picture_images(self):
         """8 held-out images for reassembly.png, spread over the set: folders list their images
@@ -990,6 +1171,12 @@ def open_image(path):
             return im.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return str(path)
+
+
+def warn(line):
+    """A warning: the run goes on, but the user should know (rank 0 only, one line)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
 _warned = set()
@@ -1141,16 +1328,27 @@ def take_classes(targets, classes, per_class):
 
 
 def load_cifar(args):
+    """CIFAR-10/100 from --data-dir, downloaded there if absent. A failed download leaves nothing
+    behind; an archive already there that fails its checksum is named as such."""
     cls = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
-    name = "cifar-10-python.tar.gz" if args.dataset == "cifar10" else "cifar-100-python.tar.gz"
+    root, archive = Path(args.data_dir), Path(args.data_dir) / cls.filename
+    if archive.exists() and not torchvision.datasets.utils.check_integrity(str(archive), cls.tgz_md5):
+        raise UserError(f"{str(archive)!r} is corrupt or incomplete (its MD5 checksum does not match); "
+                        f"delete it and run again to download it, or put a good copy there")
+    before = set(root.rglob("*")) if root.exists() else None
     try:
         return cls(args.data_dir, train=True, download=True), cls(args.data_dir, train=False, download=True)
     except Exception as e:  # network, disk or archive: all end the same way for the user
+        if before is None:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            for p in sorted(set(root.rglob("*")) - before, reverse=True):  # files before folders
+                p.rmdir() if p.is_dir() else p.unlink()
         why = str(e).splitlines()[0] if str(e) else ""
         raise UserError(f"could not get {args.dataset} into {args.data_dir!r} ({type(e).__name__}: {why}). "
-                        f"Download {name} from https://www.cs.toronto.edu/~kriz/cifar.html and put it in "
-                        f"{args.data_dir!r} (or pass --data-dir), or use --dataset synthetic, which works "
-                        f"offline") from None
+                        f"Download {cls.filename} from https://www.cs.toronto.edu/~kriz/cifar.html and put "
+                        f"it in {args.data_dir!r} (or pass --data-dir), or use --dataset synthetic, which "
+                        f"works offline") from None
 
 
 def load_imagefolder(args):
@@ -1632,8 +1830,11 @@ class Logger:
     """
 
     def __init__(self, path, rows_kept, proc, every_s, steps_per_epoch, total_steps, first_step, epoch_sums,
-                 acc_name, elapsed_before):
-        self.path, self.proc, self.every_s, self.acc_name = path, proc, every_s, acc_name
+                 acc_names, elapsed_before):
+        self.path, self.proc, self.every_s = path, proc, every_s
+        # (console name, metrics.jsonl key); metrics.jsonl holds every accuracy in percent (rows of
+        # versions before the key was pos_top1 / train_top1 held "acc" as a fraction)
+        self.acc_name, self.acc_key = acc_names
         self.epochs = total_steps // steps_per_epoch
         self.steps_per_epoch, self.total_steps, self.first_step = steps_per_epoch, total_steps, first_step
         self.sums = torch.zeros(3, device=proc.device)  # loss, accuracy, steps since the last line
@@ -1641,7 +1842,7 @@ class Logger:
         self.rows, self.file = rows_kept, None
         self.t_start = self.t_last = time.time()
         self.elapsed_before = elapsed_before  # earlier sittings of this run, up to its checkpoint
-        self.imgs_since, self.timed = 0, False
+        self.imgs_since, self.timed, self.clock = 0, False, None
         if proc.rank == 0:
             self.cut_metrics(rows_kept)
 
@@ -1663,25 +1864,26 @@ class Logger:
         self.sums += stat
         self.epoch_sums += stat
         self.imgs_since += n_imgs * self.proc.world
-        now = time.time()
+        now, done = time.time(), epoch * self.steps_per_epoch + step
+        if self.clock is None:  # the first step of a sitting warms up (and compiles): time the rest
+            self.clock = (now, done)
         if now - self.t_last < self.every_s and step != self.steps_per_epoch:
             return
         # This process's share only: the processes log at different steps, so no collective here.
         loss_mean, acc_mean = self.mean(self.sums, across=False)
-        done = epoch * self.steps_per_epoch + step
         ips = self.imgs_since / max(now - self.t_last, 1e-9)
-        left = (self.total_steps - done) * (now - self.t_start) / max(done - self.first_step, 1)
-        self.write({"epoch": epoch + 1, "step": done, "loss": loss_mean, "acc": acc_mean, "lr": lr, **extra,
-                    "images_per_sec": ips},
+        per_step = (now - self.clock[0]) / max(done - self.clock[1], 1)
+        left = (self.total_steps - done) * per_step
+        self.write({"epoch": epoch + 1, "step": done, "loss": loss_mean, self.acc_key: 100 * acc_mean,
+                    "lr": lr, **extra, "images_per_sec": ips},
                    f"epoch {epoch + 1}/{self.epochs}  step {step}/{self.steps_per_epoch}  loss {loss_mean:.4f}  "
                    f"{self.acc_name} {100 * acc_mean:.2f}%  lr {lr:.2e}  "
                    + "".join(f"{'σ' if k == 'sigma' else k} {v:.3f}  " for k, v in extra.items())
                    + f"{ips:.0f} img/s  left {fmt_time(left)}")
-        if not self.timed and done - self.first_step >= 5:
+        if not self.timed and done - self.clock[1] >= 5:
             self.timed = True
-            per_step = (now - self.t_start) / (done - self.first_step)
-            self.header(f"timed the first {done - self.first_step} steps: {per_step:.2f} s/step, so the "
-                        f"{self.total_steps - self.first_step} steps of this run take about "
+            self.header(f"timed {done - self.clock[1]} steps after the first: {per_step:.2f} s/step, so "
+                        f"the {self.total_steps - self.first_step} steps left take about "
                         f"{fmt_time(per_step * (self.total_steps - self.first_step))} (plus evaluation)")
         self.sums.zero_()
         self.t_last, self.imgs_since = now, 0
@@ -1691,7 +1893,8 @@ class Logger:
         self.epoch_sums.zero_()
         elapsed = self.elapsed()
         extra = "".join(f"  {k} {v:.2f}%" for k, v in results.items())
-        self.write({"epoch": epochs_done, "summary": True, "loss": loss_mean, "acc": acc_mean, **results,
+        self.write({"epoch": epochs_done, "summary": True, "loss": loss_mean, self.acc_key: 100 * acc_mean,
+                    **results,
                     "skipped_images": left_out, "elapsed_s": elapsed},
                    f"== epoch {epochs_done}/{self.epochs} done  loss {loss_mean:.4f}  {self.acc_name} "
                    f"{100 * acc_mean:.2f}%{extra}  "
@@ -1792,7 +1995,7 @@ def rss_mb():
 def benchmark(args):
     """Time training steps after warm-up on an in-memory batch, then with the data stream."""
     device = pick_device(args.device, 0)
-    proc = Proc(0, 1, 0, device, pick_precision(args.precision, device))
+    proc = Proc(0, 1, 0, device, *pick_precision(args.precision, device))
     torch.manual_seed(args.seed)
     cfg = model_config(args)
     model = build_droppos(cfg).to(device)
