@@ -15,10 +15,12 @@ evaluation, logging), and the benchmark.
 
 import argparse
 import fcntl
+import functools
 import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -44,7 +46,7 @@ from droppos import PRESETS, DropPos, ViT, patchify, sigma_at, sincos_pos_embed,
 
 DATASETS = {"cifar10": 32, "cifar100": 32, "imagefolder": 224, "synthetic": 32}  # native image size
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "encoder.pt", "reassembly.png")
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "encoder.pt", "reassembly.png", "curves.png", "evaluation.json")
 
 
 class UserError(Exception):
@@ -146,6 +148,17 @@ def build_parser():
     g.add_argument("--mixup", type=float, default=0.8, help="MixUp alpha (0 = off)")
     g.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0 = off)")
 
+    g = p.add_argument_group("evaluation and probes (any checkpoint: train.py's, the official DropPos "
+                             "code's, MAE's, timm's)")
+    g.add_argument("--evaluate", metavar="CHECKPOINT", help="train nothing: position top-1, within one cell "
+                   "and distance on the held-out images (with a position head), k-NN, test top-1 (a "
+                   "fine-tuning checkpoint), the picture; evaluation.json and one JSON line")
+    g.add_argument("--location-probe", metavar="CHECKPOINT|random", help="the paper's location probe: a "
+                   "frozen encoder, every patch visible, the position embeddings of --pos-mask-ratio of "
+                   "them replaced by one learned vector, linear heads predicting positions")
+    g.add_argument("--linear-probe", metavar="CHECKPOINT|random", help="MAE's linear probe: a frozen "
+                   "encoder, BatchNorm without affine parameters and a linear classifier")
+
     g = p.add_argument_group("output and evaluation")
     g.add_argument("--output-dir", help="the run's folder (default: runs/<dataset>-pretrain, "
                    "runs/<dataset>-scratch or runs/<pre-training run>-finetune, then -paper for --recipe "
@@ -173,10 +186,15 @@ def build_parser():
 # Flags that change nothing a run learns: they may differ on --resume. Every other flag is the run.
 FREE_ON_RESUME = {"resume", "output_dir", "data_dir", "val_dir", "workers", "device", "precision", "compile",
                   "log_every", "knn_every", "knn_k", "knn_t"}
-PRETRAIN_ONLY = {"mask_ratio", "pos_mask_ratio", "sigma", "no_sigma_decay", "no_attentive", "tau",
-                 "decoder_dim", "decoder_depth", "decoder_heads", "knn_every", "knn_k", "knn_t"}
-FINETUNE_ONLY = {"layer_decay", "drop_path", "smoothing", "mixup", "cutmix"}
-BENCHMARK_ONLY = {"bench_steps", "bench_warmup"}
+# What a command does: the flag that chose it (at most one), else pre-training.
+MODES = ("benchmark", "evaluate", "finetune", "location_probe", "linear_probe")
+# Flags that apply in some modes only; any other mode refuses them by name.
+MODE_ONLY = [({"mask_ratio", "sigma", "no_sigma_decay", "no_attentive", "tau", "decoder_dim",
+               "decoder_depth", "decoder_heads", "knn_every"}, {"pretrain", "benchmark"}),
+             ({"pos_mask_ratio"}, {"pretrain", "benchmark", "location_probe"}),
+             ({"knn_k", "knn_t"}, {"pretrain", "evaluate"}),
+             ({"layer_decay", "drop_path", "smoothing", "mixup", "cutmix"}, {"finetune"}),
+             ({"bench_steps", "bench_warmup"}, {"benchmark"})]
 ENCODER_SHAPE = ("img_size", "patch_size", "dim", "depth", "heads", "pos_embed")
 INF = math.inf
 LIMITS = {  # flag: (low, high, low allowed, high allowed); NaN fails every comparison, so it is refused too
@@ -199,11 +217,12 @@ LIMITS = {  # flag: (low, high, low allowed, high allowed); NaN fails every comp
 # which run MAE's recipe: no clipping, a floor under the cosine. Entries equal to the parser's
 # default are listed too, so each paper column reads as the whole recipe.
 RECIPES = {
-    "laptop": {"pretrain": dict(blr=2e-3), "finetune": dict(blr=1e-3)},
+    "laptop": {"pretrain": dict(blr=2e-3), "finetune": dict(blr=1e-3), "probe": dict(blr=1e-3, weight_decay=0.0)},
     "paper": {"pretrain": dict(blr=1.5e-4, warmup_epochs=10.0, min_lr=0.0, weight_decay=0.05, clip_grad=5.0,
                                decoder_dim=512, decoder_depth=2, decoder_heads=16),
               "finetune": dict(blr=1e-3, warmup_epochs=5.0, min_lr=1e-6, weight_decay=0.05, clip_grad=0.0,
-                               layer_decay=0.75, drop_path=0.1, smoothing=0.1, mixup=0.8, cutmix=1.0)},
+                               layer_decay=0.75, drop_path=0.1, smoothing=0.1, mixup=0.8, cutmix=1.0),
+              "probe": dict(blr=1e-3, weight_decay=0.0)},  # MAE's LARS at batch 16384 has no laptop form
 }
 
 
@@ -233,24 +252,36 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
+def mode_of(args):
+    """'pretrain', or the mode flag given: 'finetune', 'evaluate', 'location_probe', ..."""
+    return next((m for m in MODES if getattr(args, m, None)), "pretrain")
+
+
+def source_of(args):
+    """The checkpoint the mode starts from; None for pre-training, scratch and random weights."""
+    path = getattr(args, mode_of(args), None)
+    return path if isinstance(path, str) and path not in ("scratch", "random") else None
+
+
 def check_mode_flags(args, given):
     """Refuse flags that cannot apply to what was asked for, rather than ignore them."""
-    with_checkpoint = args.finetune not in (None, "scratch")
-    rules = [(FINETUNE_ONLY, not args.finetune, "applies only with --finetune"),
-             (BENCHMARK_ONLY, not args.benchmark, "applies only with --benchmark"),
-             (PRETRAIN_ONLY, bool(args.finetune), "does not apply with --finetune: it is pre-training's"),
-             ({"model"}, with_checkpoint, "does not apply with --finetune CHECKPOINT: the encoder's shape "
-                                          "comes from the checkpoint"),
-             ({"finetune"}, args.benchmark, "does not apply with --benchmark, which times pre-training")]
-    for flags, refused, why in rules:
-        bad = sorted(given & flags) if refused else []
+    mode = mode_of(args)
+    for other in given & set(MODES) - {mode}:
+        raise UserError(f"{flag(other)} does not apply with {flag(mode)}")
+    for flags, modes in MODE_ONLY:
+        bad = sorted(given & flags) if mode not in modes else []
+        if bad and mode == "pretrain":
+            raise UserError(f"{flag(bad[0])} applies only with {' or '.join(map(flag, modes - {'pretrain'}))}")
         if bad:
-            raise UserError(f"{flag(bad[0])} {why}")
+            raise UserError(f"{flag(bad[0])} does not apply with {flag(mode)}")
+    if "model" in given and source_of(args):
+        raise UserError(f"--model does not apply with {flag(mode)} CHECKPOINT: the encoder's shape comes "
+                        f"from the checkpoint")
 
 
 def complete_args(args, given):
     """Fill the defaults that depend on other flags; a checkpoint to fine-tune decides the encoder."""
-    if args.finetune and args.finetune != "scratch":
+    if source_of(args):
         take_encoder_shape(args, given)
     if args.img_size is None:
         args.img_size = DATASETS[args.dataset]
@@ -262,7 +293,7 @@ def complete_args(args, given):
     check_heads(args, given)
     if args.patch_size is None:
         args.patch_size = 4 if args.img_size == 32 else 16
-    for name, value in RECIPES[args.recipe]["finetune" if args.finetune else "pretrain"].items():
+    for name, value in RECIPES[args.recipe].get(recipe_mode(args), {}).items():
         if name not in given:  # a typed flag wins over the recipe; --benchmark times pre-training
             setattr(args, name, value)
     if args.workers is None:
@@ -302,15 +333,23 @@ def default_workers(device):
     return 8 if torch.cuda.is_available() and device != "cpu" else 0
 
 
+def recipe_mode(args):
+    """Which column of RECIPES a mode reads: probes have their own; --benchmark times pre-training."""
+    mode = mode_of(args)
+    return "probe" if mode.endswith("probe") else "pretrain" if mode == "benchmark" else mode
+
+
 def default_run_name(args):
     """Different runs get different default folders: fine-tuning from scratch, from one
     pre-training run and from another, under another recipe or seed, never share one."""
-    if not args.finetune:
+    mode, source = mode_of(args), source_of(args)
+    if mode == "pretrain":
         name = f"{args.dataset}-pretrain"
-    elif args.finetune == "scratch":
+    elif mode == "finetune" and not source:
         name = f"{args.dataset}-scratch"
-    else:
-        name = f"{Path(args.finetune).resolve().parent.name}-finetune"
+    else:  # <run>-finetune, <run>-evaluate, <dataset>-random-location-probe, ...
+        origin = Path(source).resolve().parent.name if source else f"{args.dataset}-random"
+        name = f"{origin}-{mode.replace('_', '-')}"
     return name + (f"-{args.recipe}" if args.recipe != "laptop" else "") + (f"-seed{args.seed}" if args.seed else "")
 
 
@@ -347,7 +386,7 @@ def main(argv=None):
             benchmark(args)
         else:
             with FolderLock(args):
-                train(args)
+                (evaluate if args.evaluate else train)(args)
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")  # one write: under torchrun the processes' lines stay whole
         sys.stderr.flush()
@@ -363,7 +402,7 @@ def main(argv=None):
 def train(args):
     proc = start_processes(args)
     data = Data(args, proc)
-    task = (Finetuning if args.finetune else Pretraining)(args, data, proc)
+    task = TASKS[mode_of(args)](args, data, proc)
     optimizer = make_optimizer(task.groups, task.betas, proc.device)
     run = RunFolder(args, proc, task, optimizer, data)
     if run.epoch == args.epochs:
@@ -404,6 +443,7 @@ def train(args):
                 epoch, step = epoch + 1, 0
                 results = task.evaluate(epoch == args.epochs or epoch % max(args.knn_every, 1) == 0)
                 log.epoch_summary(epoch, results, data.stream.left_out(proc))
+                log.draw_curves(task.chance())
                 run.save(epoch, 0)
                 task.write_outputs(run.folder)
 
@@ -438,6 +478,9 @@ class Task:
 
     source = ""  # where the weights come from, for the start-up line
 
+    def chance(self):  # metrics.jsonl key -> its chance value, for curves.png
+        return {}
+
     def log_fields(self, progress):  # extra numbers for the progress line
         return {}
 
@@ -462,6 +505,7 @@ class Pretraining(Task):
         self.model = build_droppos(model_config(args)).to(proc.device)
         self.groups = param_groups(self.model, args.weight_decay, no_decay=no_decay_rule(args.recipe, self.mode))
         self.vis_imgs = data.picture_images() if proc.rank == 0 else None
+        self.beliefs = None  # what the position head predicted on the held-out images, for the picture
 
     def sigma(self, progress):
         return sigma_at(self.args.sigma, progress, decay=not self.args.no_sigma_decay)
@@ -474,10 +518,19 @@ class Pretraining(Task):
         return {"sigma": self.sigma(progress)}
 
     def evaluate(self, due):
-        """k-NN top-1 on held-out images, every --knn-every epochs and at the end."""
-        if not (due and self.args.knn_every and self.data.held_out is not None):
+        """Every epoch, what the position head predicts on the held-out images (top-1, within one
+        cell, distance); k-NN top-1 every --knn-every epochs and at the end."""
+        if self.data.held_out is None:
             return {}
-        return {"knn_top1": run_knn(self.model.encoder, self.data, self.args, self.proc)}
+        results, self.beliefs = held_out_positions(lambda imgs: {"test_pos": decode_positions(self.model, imgs)},
+                                                   self.data, self.args, self.proc, self.model.grid)
+        if due and self.args.knn_every:
+            results["knn_top1"] = run_knn(self.model.encoder, self.data, self.args, self.proc)
+        return results
+
+    def chance(self):
+        return dict(chance_of_grid(self.model.grid, "test_pos"), knn_top1=100 / self.data.num_classes,
+                    pos_top1=100 / self.model.encoder.num_patches)
 
     def write_outputs(self, folder, only_broken=False):
         """encoder.pt (timm's key names) and reassembly.png; with only_broken, just those that are
@@ -491,7 +544,9 @@ class Pretraining(Task):
             written.append(enc.name)
         png = folder / "reassembly.png"
         if self.vis_imgs is not None and not (only_broken and readable_png(png)):
-            save_reassembly(self.model, self.vis_imgs, png, self.proc)
+            if self.beliefs is None:  # a finished run resumed to mend its picture
+                self.evaluate(due=False)
+            save_reassembly(self.model, self.vis_imgs, png, self.proc, self.beliefs.get("test_pos"))
             written.append(png.name)
         return written
 
@@ -510,7 +565,10 @@ class Finetuning(Task):
                                    lambda n: args.layer_decay ** (depth + 1 - layer_id(n, depth)),
                                    no_decay=no_decay_rule(args.recipe, self.mode))
         self.mix = batch_mixer(args, data.num_classes)
-        self.best = 0.0
+        self.best, self.source = 0.0, source_line(args)
+
+    def chance(self):
+        return {"test_top1": 100 / self.data.num_classes, "best_top1": 100 / self.data.num_classes}
 
     def step(self, net, imgs, labels, progress):  # -> loss, training top-1
         return classification_step(net, imgs, labels, self.mix, self.args.smoothing, self.data.num_classes)
@@ -527,11 +585,138 @@ class Finetuning(Task):
         self.best = state["best"]
 
 
+class FrozenEncoder(nn.Module):
+    """A probe's base: frozen means frozen, so the encoder never leaves eval mode."""
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+
+class LocationProbe(FrozenEncoder):
+    """The paper's location probe (its analysis section) on a frozen encoder.
+
+    Every patch is visible; the position embeddings of a random `pos_mask_ratio` of them are
+    replaced by one vector learned with the probe. It starts at zero for every encoder alike (the
+    paper does not say which vector it used). Two linear heads read the output features: `head`
+    predicts the positions of the patches that lost their embedding (the measure), `control` those
+    of the patches that kept it (a check that the probe can read a position that is there). The
+    vector's gradient flows through the encoder's activations, but the encoder's weights take none.
+    """
+
+    def __init__(self, encoder, pos_mask_ratio):
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False)
+        N = encoder.num_patches
+        self.n_drop = N - int(N * (1 - pos_mask_ratio))
+        self.mask_vector = nn.Parameter(torch.zeros(1, 1, encoder.dim))
+        self.head, self.control = nn.Linear(encoder.dim, N), nn.Linear(encoder.dim, N)
+
+    def forward(self, imgs):  # (B, C, H, W) -> logits of head and control (B, N, N), dropped (B, N)
+        enc, B = self.encoder, len(imgs)
+        N = enc.num_patches
+        ids = droppos.random_masking(B, N, self.n_drop, device=imgs.device)
+        dropped = torch.zeros(B, N, dtype=torch.bool, device=imgs.device).scatter(1, ids, True)
+        pos = torch.where(dropped[..., None], self.mask_vector, enc.pos_embed[:, 1:])  # (B, N, D)
+        feats = enc.encode(enc.patch_embed(patchify(imgs, enc.patch_size)) + pos)[:, 1:]
+        return self.head(feats), self.control(feats), dropped
+
+
+class LinearProbe(FrozenEncoder):
+    """MAE's linear probe on a frozen encoder: BatchNorm without affine parameters, then a linear
+    classifier, on the mean of the patch tokens after the final norm (the k-NN monitor's feature).
+    The encoder runs without gradient."""
+
+    def __init__(self, encoder, num_classes):
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False)
+        self.bn = nn.BatchNorm1d(encoder.dim, affine=False, eps=1e-6)
+        self.head = nn.Linear(encoder.dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.01)  # MAE's linear-probe initialisation
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, imgs):  # (B, C, H, W) -> (B, classes)
+        with torch.no_grad():
+            feats = self.encoder.forward_features(imgs)[:, 1:].mean(1)
+        return self.head(self.bn(feats.float()))
+
+
+class Probing(Task):
+    """A probe on a frozen encoder (a checkpoint's, or random weights): the two probes differ in
+    their model, step and evaluation only."""
+
+    betas = (0.9, 0.999)
+
+    def __init__(self, args, data, proc):
+        super().__init__(args, data, proc)
+        self.source = source_line(args)
+        encoder = build_encoder(args)
+        self.model = self.probe(encoder, args, data).to(proc.device)
+        self.groups = param_groups(self.model, args.weight_decay)
+
+
+class LocationProbing(Probing):
+    name, mode, acc_name, acc_key = "location probe", "location_probe", "train top-1", "train_top1"
+
+    def probe(self, encoder, args, data):
+        return LocationProbe(encoder, args.pos_mask_ratio)
+
+    def step(self, net, imgs, labels, progress):  # -> loss, top-1 over the dropped positions
+        head, control, dropped = net(imgs)
+        truth = torch.arange(head.shape[1], device=imgs.device).expand(len(imgs), -1)  # raster order
+        loss = F.cross_entropy(head[dropped].float(), truth[dropped])
+        if (~dropped).any():
+            loss = loss + F.cross_entropy(control[~dropped].float(), truth[~dropped])
+        return loss, (head.argmax(-1) == truth)[dropped].float().mean()
+
+    def evaluate(self, due):  # every epoch, on the held-out images, with masks seeded alike
+        return probe_positions(self.model, self.data, self.args, self.proc)
+
+    def chance(self):
+        return chance_of_grid(self.model.encoder.grid, "probe")
+
+
+class LinearProbing(Probing):
+    name, mode, acc_name, acc_key = "linear probe", "linear_probe", "train top-1", "train_top1"
+
+    def probe(self, encoder, args, data):
+        return LinearProbe(encoder, data.num_classes)
+
+    def step(self, net, imgs, labels, progress):  # -> loss, training top-1
+        logits = net(imgs)
+        return F.cross_entropy(logits.float(), labels), (logits.argmax(-1) == labels).float().mean()
+
+    def evaluate(self, due):
+        return {"test_top1": evaluate_classifier(self.model, self.data, self.args, self.proc)}
+
+    def chance(self):
+        return {"test_top1": 100 / self.data.num_classes}
+
+
+def build_encoder(args, drop_path=0.0):
+    """The ViT of args' shape, with the weights of the mode's checkpoint unless it has none or a
+    resumed run's checkpoint brings them."""
+    cfg = model_config(args)
+    try:
+        encoder = ViT(cfg["img_size"], cfg["patch_size"], 3, cfg["dim"], cfg["depth"], cfg["heads"],
+                      cfg["pos_embed"], drop_path=drop_path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if source_of(args) and not args.resume:
+        load_encoder(encoder, args)
+    return encoder
+
+
 def build_droppos(cfg):
     try:
         return DropPos(**cfg)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+TASKS = {"pretrain": Pretraining, "finetune": Finetuning, "location_probe": LocationProbing,
+         "linear_probe": LinearProbing}
 
 
 class Classifier(nn.Module):
@@ -559,71 +744,10 @@ class Classifier(nn.Module):
 
 
 def build_classifier(args, num_classes):
-    """The encoder the pre-training run was trained with (its shape is in args by now, see
-    `take_encoder_shape`), its weights loaded, under a fresh head. On --resume the weights come
-    from the fine-tuning checkpoint instead."""
-    cfg = model_config(args)
-    try:
-        encoder = ViT(cfg["img_size"], cfg["patch_size"], 3, cfg["dim"], cfg["depth"], cfg["heads"],
-                      cfg["pos_embed"], drop_path=args.drop_path)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if args.finetune != "scratch" and not args.resume:
-        load_state(encoder, encoder_state(load_checkpoint(args.finetune)), f"pre-trained encoder {args.finetune!r}")
-    return Classifier(encoder, num_classes, mae_head=args.recipe == "paper")
-
-
-def encoder_state(state):
-    """The encoder's tensors from a pre-training checkpoint.pt, or an encoder.pt as it is."""
-    if isinstance(state, dict) and "model" in state:
-        return {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
-    return state
-
-
-def take_encoder_shape(args, given):
-    """Fine-tuning uses the encoder the checkpoint was trained with: its sizes, patch and kind of
-    position embedding go into args. A checkpoint.pt records its run's flags; from a bare
-    encoder.pt the tensors tell all but the number of heads."""
-    state = load_checkpoint(args.finetune)
-    if isinstance(state, dict) and "args" in state and "model" in state:
-        if state.get("mode") != "pretrain":
-            raise UserError(f"{args.finetune!r} is a fine-tuning checkpoint; fine-tune from a pre-training "
-                            f"run's checkpoint.pt or encoder.pt")
-        saved = argparse.Namespace(**state["args"])
-        shape = {k: v for k, v in model_config(saved).items() if k in ENCODER_SHAPE}
-    else:
-        shape = shape_of_encoder(state, args.finetune)
-    for key in ENCODER_SHAPE:
-        mine = getattr(args, key)
-        if shape[key] is None:  # heads, from an encoder.pt
-            if key not in given:
-                raise UserError(f"{args.finetune!r} does not record the number of attention heads; pass "
-                                f"--heads (the run's checkpoint.pt records it)")
-            continue
-        if key in given and mine != shape[key]:
-            raise UserError(f"{flag(key)} {mine} differs from the encoder in {args.finetune!r} ({shape[key]}): "
-                            f"fine-tuning uses the encoder as it was pre-trained; drop the flag")
-        setattr(args, key, shape[key])
-
-
-def shape_of_encoder(state, path):
-    """img_size, patch_size, dim, depth, pos_embed of an encoder.pt's tensors; heads None."""
-    try:
-        if not isinstance(state, dict):
-            raise TypeError
-        proj, pos = state["patch_embed.proj.weight"], state["pos_embed"]  # (D, C, p, p), (1, 1+N, D)
-        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-        dim, p, n = proj.shape[0], proj.shape[-1], pos.shape[1] - 1
-    except (KeyError, TypeError, AttributeError, IndexError):
-        raise UserError(f"{path!r} is neither a pre-training checkpoint nor an encoder state dict "
-                        f"(no patch_embed.proj.weight / pos_embed)") from None
-    side = math.isqrt(n)
-    if side * side != n or dim % 4:
-        raise UserError(f"{path!r}: cannot tell the image size of a {n}-patch encoder; fine-tune from its "
-                        f"run's checkpoint.pt")
-    fixed = torch.allclose(pos[0, 1:].float(), sincos_pos_embed(dim, (side, side)), atol=1e-5)
-    return {"img_size": side * p, "patch_size": p, "dim": dim, "depth": depth, "heads": None,
-            "pos_embed": "sincos" if fixed else "learnable"}
+    """The encoder the checkpoint holds (its shape is in args by now, see `take_encoder_shape`),
+    its weights loaded, under a fresh head. On --resume the weights come from the fine-tuning
+    checkpoint instead."""
+    return Classifier(build_encoder(args, args.drop_path), num_classes, mae_head=args.recipe == "paper")
 
 
 def batch_mixer(args, num_classes):
@@ -694,14 +818,244 @@ def checkpoint_path(resume):
 
 
 def load_checkpoint(path):
+    """torch.load under weights_only. argparse.Namespace is allowed because MAE's save_model
+    pickles its run's args; anything else foreign is refused, so no file runs code here."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
     try:
+        torch.serialization.add_safe_globals([argparse.Namespace])
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle garbage, foreign objects: all unusable alike
+    except OSError as e:
+        raise UserError(f"cannot read checkpoint {str(path)!r}: {e.strerror or e}") from None
+    except Exception as e:
+        # weights_only names the refused class in a multi-line message: keep just that name, as
+        # the file is readable, only not safely.
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused:
+            raise UserError(f"checkpoint {str(path)!r} holds a pickled {refused[1]}, which a "
+                            f"weights-only load refuses; save plain tensors and dicts") from None
         raise UserError(f"checkpoint {str(path)!r} is corrupt, truncated or not a checkpoint "
                         f"({type(e).__name__})") from None
+
+
+class Imported(NamedTuple):
+    model: dict         # our DropPos key names: encoder.*, maybe mask_pos_token and decoder.*
+    source: str         # the layout, for messages
+    args: dict | None   # train.py's run flags (its checkpoint.pt only)
+    mode: str | None    # "pretrain" / "finetune" (train.py's checkpoint.pt only)
+    epoch: int | None   # completed epochs, where the file says
+    arch: dict          # what the file's arch name tells (arch_facts), {} without one
+    extra: dict         # "ignored" / "missing" key prefixes, and facts from a Namespace
+
+
+_ENCODER = ("cls_token", "pos_embed", "patch_embed", "blocks", "norm")
+_DECODER = {"decoder_embed": "decoder.embed", "decoder_blocks": "decoder.blocks",
+            "decoder_norm": "decoder.norm", "decoder_pred": "decoder.head"}
+_NAMESPACE_FACTS = ("input_size", "mask_ratio", "pos_mask_ratio")  # argument names of main_*.py
+
+
+def _is_state(x):
+    return isinstance(x, dict) and bool(x) and all(torch.is_tensor(v) for v in x.values())
+
+
+def _describe(obj):
+    if isinstance(obj, dict):
+        keys = [str(k) for k in obj]
+        return f"a dict with keys {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+    return f"a {type(obj).__name__}"
+
+
+def _rename(state):
+    """timm / official DropPos names -> ours.  -> (model, sorted prefixes of keys left out).
+
+    Keys already in our names (train.py's) pass. The official decoder is taken only when its
+    decoder_pred is the N-way position head: MAE's (also DropPos --drop_pos_type vanilla_mae)
+    predicts p*p*3 pixels there, and 3p^2 is never a square N, so the shape tells them apart."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # DDP's wrapper
+    pos, pred = state.get("pos_embed"), state.get("decoder_pred.weight")  # (1, 1+N, D), (?, Dd)
+    positional = pos is not None and pred is not None and pred.shape[0] == pos.shape[1] - 1
+    model, ignored = {}, set()
+    for key, t in state.items():
+        top, _, rest = key.partition(".")
+        if top in ("encoder", "decoder", "mask_pos_token"):
+            model[key] = t
+        elif top in _ENCODER:
+            model["encoder." + key] = t
+        elif top in _DECODER and positional:
+            model[f"{_DECODER[top]}.{rest}"] = t
+        else:  # pixel decoder, mask_token, classifier head, fc_norm, ...
+            ignored.add(top)
+    return model, sorted(ignored)
+
+
+def import_state(obj, path):
+    """What `read` returned -> Imported; UserError for a layout this cannot place."""
+    args = mode = epoch = name = None
+    facts = {}
+    if not isinstance(obj, dict):
+        state = None
+    elif isinstance(obj.get("args"), dict) and obj.get("mode") in ("pretrain", "finetune"):
+        source, state, args, mode, epoch = ("train.py checkpoint", obj.get("model"), obj["args"],
+                                            obj["mode"], obj.get("epoch"))
+    elif "state_dict" in obj:  # main_pretrain.py / main_finetune.py: epoch is already epoch + 1
+        source, state, epoch, name = ("official DropPos checkpoint", obj["state_dict"],
+                                      obj.get("epoch"), obj.get("model"))
+    elif isinstance(obj.get("args"), argparse.Namespace):
+        ns, source, state = obj["args"], "MAE/DropPos save_model", obj.get("model")
+        name = getattr(ns, "model", None)
+        facts = {k: getattr(ns, k) for k in _NAMESPACE_FACTS if hasattr(ns, k)}
+        if isinstance(obj.get("epoch"), int):  # save_model stores the 0-based epoch just done
+            epoch = obj["epoch"] + 1
+    elif "model" in obj:  # MAE's released files: encoder only, or (visualize) with its decoder
+        source, state = "MAE encoder", obj["model"]
+    else:
+        source, state = "timm encoder", obj
+    model, ignored = _rename(state) if _is_state(state) else ({}, [])
+    if "encoder.patch_embed.proj.weight" not in model or "encoder.pos_embed" not in model:
+        raise UserError(
+            f"{str(path)!r} is not a checkpoint train.py can read: {_describe(obj)}; expected a "
+            f"train.py checkpoint.pt or encoder.pt, an official DropPos or MAE checkpoint, or a "
+            f"timm ViT state dict")
+    if source == "timm encoder" and not ignored:  # exactly a ViT's keys: what train.py writes
+        source = "train.py encoder"
+    have = {k.split(".")[1] for k in model if k.startswith("encoder.")}
+    missing = [k for k in _ENCODER if k not in have]  # e.g. "norm" under MAE's global pool
+    arch = arch_facts(name) if isinstance(name, str) else {}
+    return Imported(model, source, args, mode, epoch, arch,
+                    dict(facts, ignored=ignored, missing=missing))
+
+
+def _count(model, prefix):  # number of blocks under prefix ("encoder.blocks.")
+    return len({k[len(prefix):].split(".")[0] for k in model if k.startswith(prefix)})
+
+
+def encoder_shape(model):
+    """Sizes the tensors of an Imported.model tell; heads are not among them (None).
+
+    img_size assumes a square grid; pos_embed is "sincos" when the patch rows are MAE's fixed
+    embedding. With a position decoder: decoder_dim, decoder_depth, num_positions (its N)."""
+    proj, pos = model["encoder.patch_embed.proj.weight"], model["encoder.pos_embed"]
+    dim, p, n = proj.shape[0], proj.shape[-1], pos.shape[1] - 1  # (D, C, p, p), (1, 1+N, D)
+    side = math.isqrt(n)
+    if side * side != n:
+        raise UserError(f"cannot tell the image size of a {n}-patch encoder (not a square "
+                              f"grid)")
+    fixed = dim % 4 == 0 and torch.allclose(pos[0, 1:].float(), sincos_pos_embed(dim, (side, side)),
+                                            rtol=0, atol=1e-5)
+    shape = dict(img_size=side * p, patch_size=p, dim=dim, depth=_count(model, "encoder.blocks."),
+                 heads=None, pos_embed="sincos" if fixed else "learnable")
+    if "decoder.head.weight" in model:
+        shape.update(decoder_dim=model["decoder.embed.weight"].shape[0],  # (Dd, D)
+                     decoder_depth=_count(model, "decoder.blocks."), decoder_heads=None,
+                     num_positions=model["decoder.head.weight"].shape[0])  # (N, Dd)
+    return shape
+
+
+def resize_pos_embed(pos, grid, kind):
+    """pos (1, 1+s*s, D) of a square grid -> (1, 1+h*w, D) for grid (h, w); [CLS] row kept.
+
+    "sincos" is a fixed function of the cell, so it is recomputed (interpolating would stretch
+    its frequencies); "learnable" is resized bicubically, as MAE's interpolate_pos_embed does."""
+    s, dim = math.isqrt(pos.shape[1] - 1), pos.shape[2]
+    h, w = grid
+    if (h, w) == (s, s):
+        return pos
+    if kind == "sincos":
+        patches = sincos_pos_embed(dim, (h, w)).to(pos)[None]
+    else:
+        square = pos[:, 1:].reshape(1, s, s, dim).permute(0, 3, 1, 2).float()  # (1, D, s, s)
+        square = F.interpolate(square, size=(h, w), mode="bicubic", align_corners=False)
+        patches = square.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(pos.dtype)
+    return torch.cat([pos[:, :1], patches], dim=1)
+
+
+# (dim, depth, heads) of the ViT sizes; tiny is DeiT's, the others are in both repos' models.
+_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
+          "large": (1024, 24, 16), "huge": (1280, 32, 16)}
+
+
+def arch_facts(name):
+    """Sizes an official arch name tells, e.g. "DropPos_mae_vit_base_patch16_dec512d2b" ->
+    dict(name, dim=768, depth=12, heads=12, patch_size=16, decoder_dim=512, decoder_depth=2,
+    decoder_heads=16). {} for a name of another form."""
+    m = re.fullmatch(r"(DropPos_)?(mae_)?vit_(\w+?)_patch(\d+)(?:_dec(\d+)d(\d+)b)?", name)
+    if not m or m[3] not in _SIZES:
+        return {}
+    dim, depth, heads = _SIZES[m[3]]
+    facts = dict(name=name, dim=dim, depth=depth, heads=heads, patch_size=int(m[4]))
+    if m[2]:  # a pre-training model; without a dec suffix it is the "recommended" dec512d8b alias
+        facts.update(decoder_dim=int(m[5] or 512), decoder_depth=int(m[6] or 8), decoder_heads=16)
+    return facts
+
+@functools.lru_cache(maxsize=2)
+def _imported(path, stamp):
+    return import_state(load_checkpoint(path), path)
+
+
+def imported(path):
+    """The checkpoint at path, read once (parse and build both need it), in our key names."""
+    p = Path(path)
+    return _imported(str(p), p.stat().st_mtime_ns if p.is_file() else None)
+
+
+def take_encoder_shape(args, given):
+    """Every mode that starts from a checkpoint uses the encoder it holds: its sizes, patch and
+    kind of position embedding go into args. train.py's checkpoint.pt records its run's flags, an
+    official arch name the head counts; the tensors tell the rest. A typed flag the file
+    contradicts is refused, but for --img-size when fine-tuning or probing (the position
+    embedding is resized)."""
+    path, mode = source_of(args), mode_of(args)
+    imp = imported(path)
+    if mode == "finetune" and imp.mode == "finetune":
+        raise UserError(f"{path!r} is a fine-tuning checkpoint; fine-tune from a pre-training run's "
+                        f"checkpoint.pt or encoder.pt")
+    shape = dict(encoder_shape(imp.model), heads=imp.arch.get("heads"),
+                 decoder_heads=imp.arch.get("decoder_heads"), **imp.extra)
+    if imp.args:
+        saved = argparse.Namespace(**dict(vars(build_parser().parse_args([])), **imp.args))
+        shape.update(model_config(saved))
+    keys = ENCODER_SHAPE
+    if mode == "evaluate" and "decoder.head.weight" in imp.model:  # the whole DropPos, as trained
+        keys += ("decoder_dim", "decoder_depth", "decoder_heads", "mask_ratio", "pos_mask_ratio")
+        shape.setdefault("mask_ratio", 0.75), shape.setdefault("pos_mask_ratio", 0.75)
+    for key in keys:
+        mine = getattr(args, key)
+        if shape.get(key) is None:  # heads of a file without flags or arch name
+            if key not in given:
+                raise UserError(f"{path!r} does not record the number of {key.replace('_', ' ')}; pass "
+                                f"{flag(key)} (a train.py checkpoint.pt records it)")
+            continue
+        resizable = key == "img_size" and mode in ("finetune", "location_probe", "linear_probe")
+        if key in given and mine != shape[key] and not resizable:
+            raise UserError(f"{flag(key)} {mine} differs from the encoder in {path!r} ({shape[key]}): "
+                            f"{mode.replace('_', ' ')} uses the encoder as it was trained; drop the flag")
+        if key not in given:
+            setattr(args, key, shape[key])
+    done, total = imp.epoch, (imp.args or {}).get("epochs")
+    if done is not None and total and done < total:
+        warn(f"{path!r} is an unfinished run: {done} of its {total} epochs were done")
+
+
+def source_line(args):
+    """' from PATH (layout, epoch E of T)' for the start-up line; ' from random weights' etc."""
+    path = source_of(args)
+    if not path:
+        return "" if mode_of(args) == "pretrain" else " from random weights"
+    imp = imported(path)
+    total = (imp.args or {}).get("epochs")
+    epoch = "" if imp.epoch is None else f", epoch {imp.epoch}" + (f" of {total}" if total else "")
+    return f" from {path} ({imp.source}{epoch})"
+
+
+def load_encoder(encoder, args):
+    """The checkpoint's encoder weights into `encoder`, its position embedding resized to the
+    encoder's grid where the image size changed."""
+    path = source_of(args)
+    state = {k[len("encoder."):]: v for k, v in imported(path).model.items() if k.startswith("encoder.")}
+    kind = "learnable" if encoder.pos_embed.requires_grad else "sincos"
+    state["pos_embed"] = resize_pos_embed(state["pos_embed"], encoder.grid, kind)
+    load_state(encoder, state, f"the encoder in {path!r}")
 
 
 def load_training_checkpoint(path):
@@ -1075,7 +1429,7 @@ class Data:
         self.per_class = self.class_counts()
         if proc.rank == 0:
             self.warn_about_classes()
-        self.stream = TrainStream(self.train, args, proc.rank, proc.world, bool(args.finetune), proc.device)
+        self.stream = TrainStream(self.train, args, proc.rank, proc.world, mode_of(args), proc.device)
 
     def class_counts(self):
         """Training images per class, for every class the run has (0 for a class with none)."""
@@ -1491,13 +1845,14 @@ class TrainStream:
     are left out with a warning that names them, and counted.
     """
 
-    def __init__(self, train_set, args, rank, world, finetune, device):
+    def __init__(self, train_set, args, rank, world, mode, device):
         self.size, self.seed, self.rank, self.device = args.img_size, args.seed, rank, device
+        finetune = mode != "pretrain"  # probes augment as fine-tuning does (MAE's linear probe)
         self.scale = crop_scale(finetune)
         # augment_batch can crop and flip but not RandAugment or RandomErasing, so MAE's fine-tuning
         # augmentation (--recipe paper) takes the per-image path even for CIFAR-size sets. Exact resume
         # holds there too: SeededTransform seeds each image by (seed, epoch, index).
-        mae_augment = finetune and args.recipe == "paper"
+        mae_augment = mode == "finetune" and args.recipe == "paper"
         stored = None if mae_augment else decode_in_memory(train_set, args.img_size)
         self.in_memory = stored is not None
         if self.in_memory:
@@ -1721,12 +2076,101 @@ def evaluate_classifier(model, data, args, proc):
     return 100.0 * (counts[0] / counts[1].clamp(min=1)).item()
 
 
+def decode_positions(model, imgs):
+    """The DropPos position head on imgs, without the loss or its attentive pass.
+    -> logits (B, n, N), true cells (B, n), dropped (B, n): what is scored."""
+    tokens, ids_keep, dropped = model.embed_visible(imgs)
+    return model.decoder(model.encoder.encode(tokens)), ids_keep, dropped
+
+
+def probe_positions(probe, data, args, proc):
+    """The location probe on the held-out images: its measure and its control."""
+    def predict(imgs):
+        head, control, dropped = probe(imgs)
+        truth = torch.arange(head.shape[1], device=imgs.device).expand(len(imgs), -1)
+        return {"probe": (head, truth, dropped), "control": (control, truth, ~dropped)}
+    return held_out_positions(predict, data, args, proc, probe.encoder.grid)[0]
+
+
+@torch.no_grad()
+def held_out_positions(predict, data, args, proc, grid, keep=20_000):
+    """Position scores over the held-out images (every process its share), for each group that
+    predict(imgs) -> {name: (logits (B, n, N), true cells (B, n), scored (B, n) bool)} returns.
+    Masks are seeded by --seed, so every epoch scores the same patches, and the training RNG is
+    left as it was (exact resume).  -> ({name_top1 %, name_within1 %, name_distance cells},
+    {name: (probs (M, N), true cells (M,))} of up to `keep` patches of this process, for pictures)."""
+    sums, kept = {}, {}
+    with torch.random.fork_rng([proc.device] if proc.device.type == "cuda" else []):
+        torch.manual_seed(args.seed)
+        for imgs, _ in held_out_batches(data, args, proc, 256):
+            with autocast(proc):
+                groups = predict(imgs)
+            for name, (logits, true, scored) in groups.items():
+                probs, true = logits[scored].float().softmax(-1), true[scored]
+                s, n = position_scores(probs, true, grid), len(true)
+                sums[name] = sums.get(name, 0) + torch.tensor([s["top1"], s["within1"], s["distance"], 1.0]) * n
+                p, t = kept.setdefault(name, ([], []))
+                if sum(map(len, t)) < keep:
+                    p.append(probs.cpu()), t.append(true.cpu())
+    results = {}
+    for name, s in sorted(sums.items()):
+        if proc.world > 1:
+            s = s.to(proc.device)
+            dist.all_reduce(s)
+        top1, within1, distance = (s[:3] / s[3].clamp(min=1)).tolist()
+        results.update({f"{name}_top1": 100 * top1, f"{name}_within1": 100 * within1,
+                        f"{name}_distance": distance})
+    return results, {k: (torch.cat(p)[:keep], torch.cat(t)[:keep]) for k, (p, t) in kept.items()}
+
+
+def chance_of_grid(grid, name):
+    """What a uniform guess over the grid scores, under held_out_positions' names."""
+    s = position_scores(torch.zeros(1, grid[0] * grid[1]), torch.zeros(1, dtype=torch.long), grid)
+    return {f"{name}_top1": 100 * s["chance_top1"], f"{name}_within1": 100 * s["chance_within1"],
+            f"{name}_distance": s["chance_distance"]}
+
+
+def evaluate(args):
+    """--evaluate: score a checkpoint without training anything. With a position head (train.py's
+    pre-training checkpoint, the official DropPos one): position top-1, within one cell and
+    distance at its ratios, and the picture; for every encoder k-NN top-1; for a fine-tuning
+    checkpoint test top-1. Each number next to its chance. evaluation.json and one JSON line."""
+    proc = start_processes(args)
+    data = Data(args, proc)
+    torch.manual_seed(args.seed)
+    path, folder = args.evaluate, Path(args.output_dir)
+    imp = imported(path)
+    results = {"checkpoint": path, "source": imp.source, "epoch": imp.epoch}
+    if "decoder.head.weight" in imp.model:
+        model = build_droppos(model_config(args)).to(proc.device).eval()
+        load_state(model, imp.model, f"the model in {path!r}")
+        scores, beliefs = held_out_positions(lambda imgs: {"test_pos": decode_positions(model, imgs)},
+                                             data, args, proc, model.grid)
+        results.update(scores, **{f"{k}_chance": v for k, v in chance_of_grid(model.grid, "test_pos").items()},
+                       mask_ratio=args.mask_ratio, pos_mask_ratio=args.pos_mask_ratio)
+        imgs = data.picture_images() if proc.rank == 0 else None
+        if imgs is not None:
+            save_reassembly(model, imgs, folder / "reassembly.png", proc, beliefs["test_pos"])
+        encoder = model.encoder
+    else:
+        encoder = build_encoder(args).to(proc.device)
+    results.update(knn_top1=run_knn(encoder, data, args, proc), top1_chance=100 / data.num_classes)
+    if imp.mode == "finetune":
+        classifier = Classifier(build_encoder(args), data.num_classes, imp.args.get("recipe") == "paper")
+        load_state(classifier, load_checkpoint(path)["model"], f"the classifier in {path!r}")
+        results["test_top1"] = evaluate_classifier(classifier.to(proc.device), data, args, proc)
+    if proc.rank == 0:
+        line = json.dumps(results)
+        atomic_write(folder / "evaluation.json", lambda f: f.write(line.encode() + b"\n"))
+        print(line, flush=True)
+
+
 GIVEN, CORRECT, CLASH = (0, 200, 0), (255, 200, 0), (230, 0, 0)  # border colours in reassembly.png
 LEGEND = ("green: position given  ·  yellow: patch in its true cell  ·  "
           "red k: k patches sent to one cell, the surest shown  ·  grey: no patch")
 
 
-def save_reassembly(model, imgs, path, proc):
+def save_reassembly(model, imgs, path, proc, beliefs=None):
     """reassembly.png: 8 held-out images (ImageNet-normalised) as the model puts them back together.
 
     The mask is seeded and the training RNG left untouched, so the pictures of different epochs
@@ -1751,6 +2195,11 @@ def save_reassembly(model, imgs, path, proc):
     caption = (f"position accuracy on dropped patches: {100 * out.acc.item():.1f}%  ·  "
                f"attention: each patch's weight in the loss, hot = high\n{LEGEND}")
     picture = draw_reassembly(rows, info, max(1, math.ceil(128 / imgs.shape[-1])), labels, caption)
+    if beliefs is not None:  # below: what the head predicts over the whole held-out set
+        below = draw_beliefs(*beliefs, model.grid)
+        both = Image.new("RGB", (max(picture.width, below.width), picture.height + below.height), "white")
+        both.paste(picture, (0, 0)), both.paste(below, (0, picture.height))
+        picture = both
     atomic_write(path, lambda f: picture.save(f, format="PNG"))
 
 
@@ -1814,6 +2263,350 @@ def draw_reassembly(rows, info, scale, labels, caption):
                 box = draw.textbbox((x + 1, y + 1), str(count), font=small, anchor="lt")
                 draw.rectangle([x, y, box[2] + 1, box[3] + 1], fill=CLASH)
                 draw.text((x + 1, y + 1), str(count), fill="white", font=small, anchor="lt")
+    return canvas
+
+
+# --- pictures of positions and curves (PIL only) ---
+
+GAP, LINE = 6, 20  # px between things, px per caption line
+TRUE, ARGMAX, EMPTY = (0, 220, 255), (0, 200, 0), (200, 200, 200)  # cyan, green, no data (grey)
+
+
+def fonts():
+    return ImageFont.load_default(size=15), ImageFont.load_default(size=10)
+
+
+def heat(t):
+    """(..., ) values in [0, 1] → (..., 3) floats: black → red → yellow → white (train.py's map)."""
+    return torch.stack([3 * t, 3 * t - 1, 3 * t - 2], -1).clamp(0, 1)
+
+
+# ============================================================================================
+# 1. Position beliefs
+# ============================================================================================
+
+def cell_coords(grid, device=None):
+    """(N, 2) float64: (row, column) of every cell of an h×w grid in raster order."""
+    h, w = grid
+    k = torch.arange(h * w, device=device)
+    return torch.stack([k // w, k % w], 1).double()
+
+
+def position_scores(probs, true_pos, grid):
+    """How well the argmax cell matches the true cell, next to a uniform guess over the N cells.
+
+    probs: (M, N) predicted distributions (only their argmax counts), true_pos: (M,) long on the
+    same device, grid: (h, w). Returns Python floats: top1 and within1 as fractions in [0, 1]
+    (within1: Chebyshev distance between argmax and true cell <= 1), distance as the mean
+    Euclidean distance in cells; and chance_top1 = 1/N, chance_within1 and chance_distance: the
+    same averaged over every (true cell, guessed cell) pair, i.e. the mean over true cells of a
+    uniform guess's expectation.
+    """
+    xy = cell_coords(grid, probs.device)  # (N, 2), float64 so the chances come out exact
+    d = xy[probs.argmax(1)] - xy[true_pos]  # (M, 2) row and column offsets of the argmax
+    all_d = xy[:, None] - xy[None]  # (N, N, 2) every true cell against every guess
+    return dict(top1=(d == 0).all(1).double().mean().item(),
+                within1=(d.abs().amax(1) <= 1).double().mean().item(),
+                distance=d.norm(dim=1).mean().item(),
+                chance_top1=1 / len(xy),
+                chance_within1=(all_d.abs().amax(2) <= 1).double().mean().item(),
+                chance_distance=all_d.norm(dim=2).mean().item())
+
+
+def row_col_beliefs(probs, true_pos, grid):
+    """(h, h) and (w, w): entry [i, j] is the mean, over the patches whose true row (column) is i,
+    of the probability mass put on row (column) j. Rows sum to 1; a row no patch has is NaN.
+
+    probs: (M, N) distributions over the N cells, true_pos: (M,) long, grid: (h, w).
+    """
+    h, w = grid
+    p = probs.float().view(-1, h, w)
+    out = []
+    for true, mass, n in ((true_pos // w, p.sum(2), h), (true_pos % w, p.sum(1), w)):
+        total = mass.new_zeros(n, n).index_add_(0, true, mass)  # (n, n) summed mass per true line
+        out.append(total / torch.bincount(true, minlength=n)[:, None])  # 0 / 0 = NaN: no patches
+    return tuple(out)
+
+
+def heat_image(values, vmax, cell):
+    """(a, b) values → a PIL image of a×b squares of `cell` px, coloured by values / vmax."""
+    rgb = heat(values.float() / vmax)
+    rgb[values.isnan()] = torch.tensor(EMPTY) / 255
+    big = rgb.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+    return Image.fromarray(big.mul(255).round().byte().numpy())
+
+
+def vertical_text(text, font):
+    """The text turned a quarter left (reads bottom to top), on white."""
+    box = font.getbbox(text)
+    img = Image.new("RGB", (box[2] + 2, box[3] + 2), "white")
+    ImageDraw.Draw(img).text((1, 1), text, fill="black", font=font)
+    return img.rotate(90, expand=True)
+
+
+def fmt(v):
+    return "0" if v == 0 else f"{v:.1e}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.3g}"
+
+
+def scale_bar(canvas, x0, y0, height, vmax, marks, font):
+    """A vertical bar from 0 (bottom) to vmax (top), its ends labelled below and above it; marks:
+    label → value, drawn as a cyan tick across the bar. Returns the width it took."""
+    t = torch.linspace(1, 0, height)[:, None].expand(height, 12)
+    canvas.paste(heat_image(t * vmax, vmax, 1), (x0, y0))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle([x0 - 1, y0 - 1, x0 + 12, y0 + height], outline="grey")
+    draw.text((x0, y0 - 3), fmt(vmax), fill="black", font=font, anchor="ld")
+    draw.text((x0, y0 + height + 2), "0", fill="black", font=font, anchor="lt")
+    labels = [fmt(vmax)]
+    for name, v in marks.items():
+        y = y0 + round((1 - v / vmax) * (height - 1))
+        draw.line([x0 - 3, y, x0 + 15, y], fill=TRUE, width=2)
+        labels.append(f"{name} = {fmt(v)}")
+        draw.text((x0 + 18, y), labels[-1], fill="black", font=font, anchor="lm")
+    return 18 + max(font.getbbox(s)[2] for s in labels)
+
+
+def matrix_panel(canvas, x0, y0, m, vmax, cell, title, what, font, small):
+    """Title, the heat map of m with "predicted <what>" across and "true <what>" down, index labels
+    at the top and left. Returns (width, height) taken and the map's top left corner."""
+    draw = ImageDraw.Draw(canvas)
+    n = len(m)
+    label = vertical_text(f"true {what}", font)
+    mx, my = x0 + label.width + 22, y0 + 2 * LINE + 12  # the map's top left corner
+    draw.text((x0, y0), title, fill="black", font=font)
+    draw.text((mx + n * cell // 2, y0 + LINE + 8), f"predicted {what}", fill="black", font=font,
+              anchor="mm")
+    canvas.paste(label, (x0, my + (n * cell - label.height) // 2))
+    every = 1 if cell >= 16 or n <= 10 else 2
+    for i in range(0, n, every):
+        mid = i * cell + cell // 2
+        draw.text((mx + mid, my - 2), str(i), fill="black", font=small, anchor="md")
+        draw.text((mx - 3, my + mid), str(i), fill="black", font=small, anchor="rm")
+    canvas.paste(heat_image(m, vmax, cell), (mx, my))
+    draw.rectangle([mx - 1, my - 1, mx + n * cell, my + n * cell], outline="grey")
+    return max(mx - x0 + n * cell, font.getbbox(title)[2]), my - y0 + n * cell, (mx, my)
+
+
+def draw_beliefs(probs, true_pos, grid, examples=4):
+    """What the position head believes over a held-out set, as one RGB PIL image.
+
+    probs: (M, N) predicted distributions over the N = h·w cells of grid (h, w), one per patch
+    whose position was dropped; true_pos: (M,) long, its true cell. Panel A: true row × predicted
+    row (row_col_beliefs); B: the same for columns, both on one colour scale; C: `examples`
+    patches at evenly spaced indices of the set, each its distribution over the grid with the
+    true cell outlined in cyan and the argmax cell marked by a green square, on a scale of its own.
+    img.info["layout"] says where maps A and B sit (for tests): cell side, top left corners.
+    """
+    font, small = fonts()
+    h, w = grid
+    probs, true_pos = probs.detach().float().cpu(), true_pos.detach().long().cpu()
+    rows, cols = row_col_beliefs(probs, true_pos, grid)
+    s = position_scores(probs, true_pos, grid)
+    caption = (f"Position beliefs on {len(probs)} patches whose position was dropped, {h}x{w} grid."
+               f"  A, B: mean predicted mass per row / column, by true row / column.  "
+               f"C: single patches\n"
+               f"top-1 {100 * s['top1']:.1f}% (chance {100 * s['chance_top1']:.1f}%)   "
+               f"within one cell {100 * s['within1']:.1f}% "
+               f"(chance {100 * s['chance_within1']:.1f}%)   "
+               f"mean distance {s['distance']:.2f} cells (chance {s['chance_distance']:.2f})")
+    idx = torch.linspace(0, len(probs) - 1, min(examples, len(probs))).round().long().unique()
+    cell, small_cell = min(20, max(12, 224 // max(h, w))), min(14, max(6, 112 // max(h, w)))
+    room = 1000 + 3 * max(h, w) * cell + len(idx) * (max(w * small_cell, 80) + 2 * GAP)
+    canvas = Image.new("RGB", (room, room), "white")  # ample; cropped at the end
+    draw = ImageDraw.Draw(canvas)
+    draw.multiline_text((GAP, GAP), caption, fill="black", font=font, spacing=LINE - 15)
+    top = GAP + 2 * LINE + GAP
+
+    vmax = max(rows.nan_to_num(0).max().item(), cols.nan_to_num(0).max().item(), 1e-12)
+    x, tall, layout = GAP, 0, {"cell": cell}
+    for m, title, what in ((rows, "A  true row x predicted row", "row"),
+                           (cols, "B  true column x predicted column", "column")):
+        pw, ph, layout[what] = matrix_panel(canvas, x, top, m, vmax, cell, title, what, font, small)
+        x, tall = x + pw + 3 * GAP, max(tall, ph)
+    marks = {"1/h": 1 / h} if h == w else {"1/h": 1 / h, "1/w": 1 / w}
+    height = max(h, w) * cell
+    x += scale_bar(canvas, x, top + tall - height, height, vmax, marks, small) + GAP
+    right = x
+
+    y = top + tall + 3 * GAP
+    draw.text((GAP, y), "C  single patches: predicted probability over the grid "
+              "(cyan outline = true cell, green square = argmax)", fill="black", font=font)
+    y += LINE + 3 * GAP  # room for the scale bar's top label
+    probs_c = probs[idx].view(-1, h, w)
+    vmax_c = max(probs_c.max().item(), 1e-12) if len(idx) else 1.0
+    x = GAP
+    for k, p in zip(idx.tolist(), probs_c):
+        canvas.paste(heat_image(p, vmax_c, small_cell), (x, y))
+        t, a = true_pos[k].item(), p.flatten().argmax().item()
+        tx, ty = x + t % w * small_cell, y + t // w * small_cell
+        draw.rectangle([tx, ty, tx + small_cell - 1, ty + small_cell - 1], outline=TRUE, width=2)
+        ax, ay, r = x + a % w * small_cell, y + a // w * small_cell, small_cell // 2
+        draw.rectangle([ax + r // 2, ay + r // 2, ax + r + r // 2 - 1, ay + r + r // 2 - 1],
+                       fill=ARGMAX)
+        draw.rectangle([x - 1, y - 1, x + w * small_cell, y + h * small_cell], outline="grey")
+        lines = f"patch {k}\np(true) {fmt(p.flatten()[t].item())}"
+        draw.multiline_text((x, y + h * small_cell + 4), lines, fill="black", font=small)
+        x += max(w * small_cell, 80) + 2 * GAP
+    x += scale_bar(canvas, x, y, h * small_cell, vmax_c, {"1/N": 1 / (h * w)}, small)
+    bottom = y + h * small_cell + 2 * LINE + GAP
+    width = max(right, x, max(font.getbbox(s)[2] for s in caption.split("\n")) + GAP) + GAP
+    img = canvas.crop((0, 0, width, bottom))
+    img.info["layout"] = layout  # where the maps sit: {"cell": px, "row": (x, y), "column": (x, y)}
+    return img
+
+
+# ============================================================================================
+# 2. Learning curves
+# ============================================================================================
+
+# key → (panel title, unit, scale: the factor from the value in the rows to the unit shown). The
+# one place that says which numbers are fractions: "acc" is; the summaries' evaluation results
+# (k-NN, test, probes, position scores) are written in percent already.
+PANELS = {
+    "loss": ("training loss", "", 1),
+    "acc": ("training accuracy", "%", 100),
+    "knn_top1": ("k-NN top-1", "%", 1),
+    "test_top1": ("test top-1", "%", 1),
+    "probe_top1": ("probe top-1", "%", 1),
+    "linear_top1": ("linear probe top-1", "%", 1),
+    "pos_top1": ("position top-1", "%", 1),
+    "pos_within1": ("position within one cell", "%", 1),
+    "pos_distance": ("position distance", "cells", 1),
+    "lr": ("learning rate", "", 1),
+    "sigma": ("sigma (position smoothing)", "", 1),
+}
+UNKNOWN_RANK = list(PANELS).index("lr") - 0.5  # unknown keys go after the known results, before lr
+BOOKKEEPING = {"epoch", "step", "summary", "skipped_images", "elapsed_s", "images_per_sec",
+               "best_top1"}  # best_top1 is the running maximum of test_top1
+PANEL_W, PANEL_H, LEFT, RIGHT, TOP, BOTTOM = 300, 180, 56, 12, 24, 30  # px; margins of a plot
+THIN, THICK = (90, 120, 200), (210, 70, 0)  # progress rows, epoch summaries
+
+
+def panel_style(key):
+    """(title, unit, scale) of a key: PANELS, else its name, "%" for accuracy-like names, scale 1.
+    """
+    accuracy = key == "acc" or key.endswith(("_top1", "_within1"))
+    return PANELS.get(key, (key.replace("_", " "), "%" if accuracy else "", 1))
+
+
+def finite(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def steps_per_epoch(progress, summaries):
+    """Optimiser steps per epoch, read off the rows. train.py always logs an epoch's last step, so
+    an epoch e that has a summary ends at its largest progress step, e · steps_per_epoch. Before any
+    epoch is complete its length is unknown; then the latest row is taken as its epoch's end.
+    """
+    done = {r["epoch"] for r in summaries}
+    ends = {}
+    for r in progress:
+        ends[r["epoch"]] = max(ends.get(r["epoch"], 0), r["step"])
+    complete = [ends[e] / e for e in ends if e in done]
+    if complete:
+        return min(complete)
+    return max(ends.values()) / max(ends) if ends else 1.0
+
+
+def series(rows, key, x_of):
+    pts = [(x_of(r), r[key] * panel_style(key)[2]) for r in rows if finite(r.get(key))]
+    return sorted(pts)
+
+
+def dashed(draw, x0, x1, y, fill, dash=5):
+    for x in range(x0, x1, 2 * dash):
+        draw.line([x, y, min(x + dash, x1), y], fill=fill, width=1)
+
+
+def plot_panel(canvas, x0, y0, key, thin, thick, chance, xmax, x_name, fonts_):
+    """One quantity: thin line for progress points, dots joined by a thick line for summaries."""
+    font, small = fonts_
+    draw = ImageDraw.Draw(canvas)
+    title, unit, _ = panel_style(key)
+    last = (thick or thin)[-1][1]
+    draw.text((x0 + 4, y0 + 2), f"{title}{f' ({unit})' if unit else ''}   last {fmt(last)}",
+              fill="black", font=small)
+    ys = [y for _, y in thin + thick] + ([chance] if chance is not None else [])
+    y_min, y_max = min(ys), max(ys)
+    pad = 0.06 * (y_max - y_min) or max(abs(y_max) * 0.05, 1e-3)  # off the frame; flat lines too
+    lo, hi = y_min - pad, y_max + pad
+    px0, px1, py0, py1 = x0 + LEFT, x0 + PANEL_W - RIGHT, y0 + TOP, y0 + PANEL_H - BOTTOM
+
+    def at(x, y):
+        return (px0 + x / xmax * (px1 - px0), py1 - (y - lo) / (hi - lo) * (py1 - py0))
+
+    draw.rectangle([px0, py0, px1, py1], outline="grey")
+    stride = max(1, math.ceil(xmax / 6))
+    for e in range(0, math.floor(xmax) + 1, stride):
+        x = at(e, lo)[0]
+        draw.line([x, py1, x, py1 + 3], fill="grey")
+        draw.text((x, py1 + 4), str(e), fill="black", font=small, anchor="mt")
+    draw.text(((px0 + px1) / 2, py1 + 16), x_name, fill="black", font=small, anchor="mt")
+    for v in (y_min, y_max):  # the data's ends, at their heights
+        y = at(0, v)[1]
+        draw.line([px0 - 3, y, px0, y], fill="grey")
+        draw.text((px0 - 5, y), fmt(v), fill="black", font=small, anchor="rm")
+    if chance is not None:
+        y = round(at(0, chance)[1])
+        dashed(draw, px0 + 1, px1 - 1, y, "grey")
+        draw.text((px1 - 3, y - 2), "chance", fill="grey", font=small, anchor="rd")
+    if len(thin) > 1:
+        draw.line([at(*p) for p in thin], fill=THIN, width=1)
+    elif thin:
+        x, y = at(*thin[0])
+        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=THIN)
+    if len(thick) > 1:
+        draw.line([at(*p) for p in thick], fill=THICK, width=2)
+    for p in thick:
+        x, y = at(*p)
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=THICK)
+
+
+def message(text):
+    font, _ = fonts()
+    img = Image.new("RGB", (font.getbbox(text)[2] + 4 * GAP, LINE + 4 * GAP), "white")
+    ImageDraw.Draw(img).text((2 * GAP, 2 * GAP), text, fill="black", font=font)
+    return img
+
+
+def draw_curves(rows, chance=None, columns=3):
+    """A run's learning curves from its metrics.jsonl rows (a list of dicts), as one RGB PIL image.
+
+    One panel per numeric key (PANELS says titles and units; unknown keys get their own name;
+    BOOKKEEPING keys are left out), on a common x axis in epochs: a progress row (no "summary")
+    sits at step / steps_per_epoch (see steps_per_epoch), an epoch summary at its epoch. Progress
+    rows are a thin line, summaries dots joined by a thick line. NaN and missing values are
+    skipped. chance: optional key → value in the panel's unit, drawn as a dashed grey line.
+    """
+    if not rows:
+        return message("no rows yet")
+    chance = chance or {}
+    summaries = [r for r in rows if r.get("summary") and finite(r.get("epoch"))]
+    progress = [r for r in rows if not r.get("summary") and finite(r.get("step"))
+                and finite(r.get("epoch"))]
+    spe = steps_per_epoch(progress, summaries)
+    keys = list(dict.fromkeys(k for r in progress + summaries for k, v in r.items()
+                              if k not in BOOKKEEPING and finite(v)))
+    keys.sort(key=lambda k: list(PANELS).index(k) if k in PANELS else UNKNOWN_RANK)
+    lines = {k: (series(progress, k, lambda r: r["step"] / spe),
+                 series(summaries, k, lambda r: r["epoch"])) for k in keys}
+    if not lines:
+        return message(f"{len(rows)} rows, no numbers to draw yet")
+    xmax = max([1.0] + [x for thin, thick in lines.values() for x, _ in thin + thick])
+    font, small = fonts()
+    guessed = not {r["epoch"] for r in summaries} & {r["epoch"] for r in progress}
+    caption = "  ".join([f"Learning curves: {len(rows)} rows, {len(summaries)} epoch summaries."]
+                        + [f"Thin line: progress rows at step / {fmt(spe)} steps per epoch"
+                           + (" (a guess until an epoch ends)." if guessed else ".")]
+                        * bool(progress)
+                        + ["Dots: epoch summaries."] * bool(summaries))
+    n_rows = math.ceil(len(lines) / columns)
+    width = max(min(columns, len(lines)) * PANEL_W, font.getbbox(caption)[2]) + 2 * GAP
+    canvas = Image.new("RGB", (width, GAP + LINE + n_rows * (PANEL_H + GAP) + GAP), "white")
+    ImageDraw.Draw(canvas).text((GAP, GAP), caption, fill="black", font=font)
+    for i, (k, (thin, thick)) in enumerate(lines.items()):
+        x0, y0 = GAP + i % columns * PANEL_W, GAP + LINE + i // columns * (PANEL_H + GAP)
+        plot_panel(canvas, x0, y0, k, thin, thick, chance.get(k), xmax, "epoch", (font, small))
     return canvas
 
 
@@ -1888,11 +2681,19 @@ class Logger:
         self.sums.zero_()
         self.t_last, self.imgs_since = now, 0
 
+    def draw_curves(self, chance):
+        """curves.png from metrics.jsonl: a run's learning curves, redrawn after every epoch."""
+        if self.proc.rank == 0:
+            self.sync()
+            rows = [json.loads(line) for line in self.path.read_text().splitlines()]
+            picture = draw_curves(rows, chance)
+            atomic_write(self.path.with_name("curves.png"), lambda f: picture.save(f, format="PNG"))
+
     def epoch_summary(self, epochs_done, results, left_out):
         loss_mean, acc_mean = self.mean(self.epoch_sums, across=True)
         self.epoch_sums.zero_()
         elapsed = self.elapsed()
-        extra = "".join(f"  {k} {v:.2f}%" for k, v in results.items())
+        extra = "".join(f"  {k} {v:.2f}{'' if k.endswith('distance') else '%'}" for k, v in results.items())
         self.write({"epoch": epochs_done, "summary": True, "loss": loss_mean, self.acc_key: 100 * acc_mean,
                     **results,
                     "skipped_images": left_out, "elapsed_s": elapsed},
