@@ -5,7 +5,9 @@ runs in fp32 on the CPU with tiny models, so the whole file stays fast on a lapt
 """
 
 import argparse
+import datetime
 import errno
+import itertools
 import json
 import math
 import os
@@ -1172,7 +1174,7 @@ def test_recipe_is_a_run_flag_and_help_states_the_paper_defaults():
 def test_pretraining_run_writes_metrics_checkpoint_timm_encoder_and_picture(pretrained_run):
     out_dir, stdout = pretrained_run
     assert {p.name for p in out_dir.iterdir()} == {"metrics.jsonl", "checkpoint.pt", "encoder.pt",
-                                                   "reassembly.png", ".lock"}  # no temporary file
+                                                   "reassembly.png", "curves.png", ".lock"}  # no temporary
 
     # metrics.jsonl: one JSON object per line; with --log-every 0 one line per step, and one
     # summary per epoch. Epochs count from 1, as on the console.
@@ -1406,6 +1408,315 @@ def test_build_classifier_takes_the_head_from_the_recipe():
         args = train.parse_args(SYNTH + ["--recipe", recipe, "--finetune", "scratch"])
         clf = train.build_classifier(args, 10)
         assert clf.mae_head is mae and isinstance(clf.fc_norm, nn.LayerNorm) and clf.head.out_features == 10
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints from anywhere: train.py's, the official DropPos code's, MAE's, timm's
+# --------------------------------------------------------------------------------------------
+
+OFFICIAL = {"decoder.embed.": "decoder_embed.", "decoder.blocks.": "decoder_blocks.",
+            "decoder.norm.": "decoder_norm.", "decoder.head.": "decoder_pred.", "encoder.": ""}
+
+
+def tiny_state(pos_embed="sincos"):  # N = 16 positions, p*p*3 = 48 pixels
+    torch.manual_seed(0)
+    return droppos.DropPos(img_size=16, patch_size=4, dim=32, depth=2, heads=2, decoder_dim=32,
+                   decoder_depth=1, decoder_heads=2, pos_embed=pos_embed).state_dict()
+
+
+def official(ours, prefix=""):
+    """Our DropPos state dict in the official code's key names."""
+    out = {}
+    for k, v in ours.items():
+        old = next((o for o in OFFICIAL if k.startswith(o)), "")
+        out[prefix + OFFICIAL.get(old, "") + k[len(old):]] = v
+    return out
+
+
+def encoder_part(ours):
+    return {k: v for k, v in ours.items() if k.startswith("encoder.")}
+
+
+def load_as_file(obj, tmp_path):
+    torch.save(obj, tmp_path / "x.pt")
+    return train.import_state(train.load_checkpoint(tmp_path / "x.pt"), "x.pt")
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_py_checkpoint_loads_model_args_mode_epoch(tmp_path):
+    sd = tiny_state()
+    args = {"img_size": 16, "patch_size": 4, "model": "tiny", "heads": 2}
+    got = load_as_file({"mode": "pretrain", "args": args, "model": sd, "optimizer": {}, "epoch": 3,
+                "step_in_epoch": 0}, tmp_path)
+    assert same(got.model, sd) and got.args == args and (got.mode, got.epoch) == ("pretrain", 3)
+    assert got.source == "train.py checkpoint" and got.extra["ignored"] == []
+
+
+def test_train_py_finetune_checkpoint_reports_classifier_head_ignored(tmp_path):
+    sd = encoder_part(tiny_state())
+    head = {"fc_norm.weight": torch.ones(32), "head.weight": torch.zeros(10, 32)}
+    got = load_as_file({"mode": "finetune", "args": {}, "model": {**sd, **head}, "epoch": 1}, tmp_path)
+    assert same(got.model, sd) and got.mode == "finetune"
+    assert got.extra["ignored"] == ["fc_norm", "head"]
+
+
+def test_train_py_encoder_pt_loads_under_encoder_prefix(tmp_path):
+    sd = encoder_part(tiny_state())
+    got = load_as_file({k.removeprefix("encoder."): v for k, v in sd.items()}, tmp_path)
+    assert same(got.model, sd) and got.source == "train.py encoder" and got.args is None
+
+
+@pytest.mark.parametrize("prefix", ["module.", ""])
+def test_official_layout_with_or_without_ddp_prefix_loads_same_tensors(tmp_path, prefix):
+    sd = tiny_state()
+    name = "DropPos_mae_vit_base_patch16_dec512d2b"
+    got = load_as_file({"epoch": 5, "state_dict": official(sd, prefix), "optimizer": {}, "model": name},
+               tmp_path)
+    assert same(got.model, sd) and got.epoch == 5 and got.arch["name"] == name
+    assert got.extra == {"ignored": [], "missing": []}
+
+
+def test_save_model_layout_with_namespace_loads_under_weights_only(tmp_path):
+    sd = tiny_state()
+    ns = argparse.Namespace(model="DropPos_mae_vit_base_patch16_dec512d2b", input_size=16,
+                            mask_ratio=0.75, pos_mask_ratio=0.5, lr=1e-3)
+    got = load_as_file({"model": official(sd), "optimizer": {}, "epoch": 4, "scaler": {}, "args": ns},
+               tmp_path)
+    assert same(got.model, sd) and got.epoch == 5 and got.arch["decoder_depth"] == 2
+    assert got.extra == {"input_size": 16, "mask_ratio": 0.75, "pos_mask_ratio": 0.5,
+                         "ignored": [], "missing": []}
+
+
+def test_mae_pixel_decoder_is_ignored_not_mapped_to_position_head(tmp_path):
+    sd = tiny_state()
+    mae = official(sd)
+    mae.update({"decoder_pred.weight": torch.zeros(48, 32), "decoder_pred.bias": torch.zeros(48),
+                "mask_token": torch.zeros(1, 1, 32), "decoder_pos_embed": torch.zeros(1, 17, 32)})
+    del mae["mask_pos_token"]
+    got = load_as_file({"model": mae}, tmp_path)
+    assert same(got.model, encoder_part(sd)) and got.source == "MAE encoder"
+    assert got.extra["ignored"] == ["decoder_blocks", "decoder_embed", "decoder_norm",
+                                    "decoder_pos_embed", "decoder_pred", "mask_token"]
+
+
+def test_finetuned_classifier_without_norm_says_norm_missing(tmp_path):
+    enc = {k: v for k, v in official(tiny_state()).items() if k.split(".")[0] in
+           ("cls_token", "pos_embed", "patch_embed", "blocks")}
+    got = load_as_file({"model": {**enc, "fc_norm.weight": torch.ones(32), "head.bias": torch.zeros(5)},
+                "args": argparse.Namespace(model="vit_base_patch16"), "epoch": 0}, tmp_path)
+    assert got.extra["missing"] == ["norm"] and got.extra["ignored"] == ["fc_norm", "head"]
+    assert "decoder_dim" not in got.arch and got.arch["heads"] == 12
+
+
+def test_timm_state_dict_with_head_loads_encoder(tmp_path):
+    sd = encoder_part(tiny_state())
+    got = load_as_file({**official(sd), "head.weight": torch.zeros(3, 32)}, tmp_path)
+    assert same(got.model, sd) and got.source == "timm encoder"
+
+
+def test_other_dict_error_names_its_keys(tmp_path):
+    with pytest.raises(train.UserError, match=r"a dict with keys \['foo', 'bar'\]"):
+        load_as_file({"foo": 1, "bar": torch.zeros(1)}, tmp_path)
+
+
+def test_garbage_and_truncated_files_are_corrupt(tmp_path):
+    (tmp_path / "g.pt").write_bytes(b"not a checkpoint" * 8)
+    torch.save(tiny_state(), tmp_path / "t.pt")
+    (tmp_path / "t.pt").write_bytes((tmp_path / "t.pt").read_bytes()[:1000])
+    for f in ("g.pt", "t.pt"):
+        with pytest.raises(train.UserError, match="is corrupt, truncated or not a checkpoint"):
+            train.load_checkpoint(tmp_path / f)
+
+
+def test_missing_file_does_not_exist(tmp_path):
+    with pytest.raises(train.UserError, match="does not exist"):
+        train.load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_pickled_foreign_class_is_one_line_error_naming_it(tmp_path):
+    torch.save({"when": datetime.date(2024, 1, 1)}, tmp_path / "d.pt")
+    with pytest.raises(train.UserError, match=r"datetime\.date") as e:
+        train.load_checkpoint(tmp_path / "d.pt")
+    assert "\n" not in str(e.value) and "corrupt" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["sincos", "learnable"])
+def test_encoder_shape_finds_sizes_and_pos_embed_kind(kind):
+    assert train.encoder_shape(tiny_state(kind)) == dict(
+        img_size=16, patch_size=4, dim=32, depth=2, heads=None, pos_embed=kind, decoder_dim=32,
+        decoder_depth=1, decoder_heads=None, num_positions=16)
+
+
+def test_encoder_shape_refuses_non_square_grid():
+    sd = encoder_part(tiny_state())
+    sd["encoder.pos_embed"] = torch.zeros(1, 1 + 12, 32)
+    with pytest.raises(train.UserError, match="12-patch"):
+        train.encoder_shape(sd)
+
+
+def test_resize_same_grid_unchanged_sincos_recomputed_learnable_bicubic():
+    pos = tiny_state()["encoder.pos_embed"]  # (1, 17, 32), a 4x4 grid
+    assert train.resize_pos_embed(pos, (4, 4), "sincos") is pos
+    big = train.resize_pos_embed(pos, (6, 5), "sincos")
+    assert torch.equal(big[0, 0], pos[0, 0])
+    assert torch.equal(big[0, 1:], droppos.sincos_pos_embed(32, (6, 5)))
+    const = torch.full((1, 17, 32), 0.5)
+    out = train.resize_pos_embed(const, (7, 7), "learnable")
+    assert out.shape == (1, 50, 32) and torch.allclose(out, const[:, :1].expand(1, 50, 32))
+
+
+def test_arch_facts_of_example_names():
+    assert train.arch_facts("DropPos_mae_vit_base_patch16_dec512d2b") == dict(
+        name="DropPos_mae_vit_base_patch16_dec512d2b", dim=768, depth=12, heads=12, patch_size=16,
+        decoder_dim=512, decoder_depth=2, decoder_heads=16)
+    assert train.arch_facts("mae_vit_large_patch16_dec512d8b")["decoder_depth"] == 8
+    assert train.arch_facts("mae_vit_large_patch16")["decoder_depth"] == 8  # the recommended alias
+    assert train.arch_facts("vit_base_patch16") == dict(name="vit_base_patch16", dim=768, depth=12,
+                                                  heads=12, patch_size=16)
+    assert train.arch_facts("vit_huge_patch14")["heads"] == 16
+    assert train.arch_facts("vit_tiny_patch16")["dim"] == 192
+    assert train.arch_facts("resnet50") == {} and train.arch_facts("vit_giant_patch14") == {}
+
+
+def _foreign_layouts(ck_path, tmp_path):
+    """The reference run's weights in every layout another codebase writes.  -> {name: path}."""
+    ck = torch.load(ck_path, weights_only=True)
+    sd, ns = ck["model"], argparse.Namespace(model="custom", input_size=32, mask_ratio=0.75, pos_mask_ratio=0.75)
+    enc = {k.removeprefix("encoder."): v for k, v in encoder_part(sd).items()}
+    files = {"official": {"epoch": 3, "state_dict": official(sd, "module."), "optimizer": {}, "model": "custom"},
+             "save_model": {"model": official(sd), "optimizer": {}, "epoch": 2, "scaler": {}, "args": ns},
+             "mae_encoder": {"model": enc}, "timm": {**enc, "head.weight": torch.zeros(10, 32)}}
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / f"{name}.pt")
+    return {name: tmp_path / f"{name}.pt" for name in files}
+
+
+HEADS = ["--heads", "2"]  # what the tensors of a file without flags or arch name cannot tell
+
+
+def _evaluation(argv, out):
+    stdout = _train_in_process(ENCODER_TINY + argv + ["--output-dir", out])
+    line = json.loads(stdout.strip().splitlines()[-1])
+    assert json.loads((out / "evaluation.json").read_text()) == line
+    return {k: v for k, v in line.items() if k not in ("checkpoint", "source")}
+
+
+@slow
+def test_evaluate_scores_a_checkpoint_and_its_official_layout_alike_and_repeatably(pretrained_run, tmp_path):
+    ref_dir, _ = pretrained_run
+    files = _foreign_layouts(ref_dir / "checkpoint.pt", tmp_path)
+    ours = _evaluation(["--evaluate", ref_dir / "checkpoint.pt"], tmp_path / "a")
+    assert ours == _evaluation(["--evaluate", ref_dir / "checkpoint.pt"], tmp_path / "b")  # deterministic
+    theirs = _evaluation(["--evaluate", files["official"], *HEADS, "--decoder-heads", "2"], tmp_path / "c")
+    assert theirs == ours
+    assert ours["test_pos_top1_chance"] == 100 / 64 and 0 <= ours["test_pos_within1"] <= 100
+    assert ours["test_pos_distance_chance"] > ours["test_pos_distance"] * 0.5 and "knn_top1" in ours
+    with Image.open(tmp_path / "a" / "reassembly.png") as png:
+        assert png.format == "PNG"
+    # An encoder alone: what needs no position head.
+    enc = _evaluation(["--evaluate", files["mae_encoder"], *HEADS], tmp_path / "d")
+    assert "test_pos_top1" not in enc and enc["knn_top1"] == ours["knn_top1"]
+
+
+@slow
+def test_finetune_from_every_layout_gives_identical_runs(pretrained_run, tmp_path):
+    ref_dir, _ = pretrained_run
+    files = _foreign_layouts(ref_dir / "checkpoint.pt", tmp_path)
+    sources = {"checkpoint.pt": [ref_dir / "checkpoint.pt"], "encoder.pt": [ref_dir / "encoder.pt", *HEADS]}
+    sources.update({name: [path, *HEADS] for name, path in files.items()})
+    rows = {}
+    for name, (path, *extra) in sources.items():
+        out = tmp_path / f"ft-{name}"
+        _train_in_process(ENCODER_TINY + ["--finetune", path, *extra, "--epochs", 1, "--output-dir", out])
+        rows[name] = _learned_rows(out / "metrics.jsonl")
+    assert all(r == rows["checkpoint.pt"] for r in rows.values())
+
+
+def test_a_file_of_another_kind_and_a_contradicted_heads_are_one_line(pretrained_run, tmp_path, capsys):
+    ref_dir, _ = pretrained_run
+    torch.save({"weights": torch.zeros(3), "step": 7}, tmp_path / "other.pt")
+    out = ["--output-dir", tmp_path / "out"]
+    line = _fails(ENCODER_TINY + ["--finetune", tmp_path / "other.pt"] + out, capsys)
+    assert "['weights', 'step']" in line and "corrupt" not in line
+    assert "--heads 3 differs from the encoder" in _fails(
+        ENCODER_TINY + ["--evaluate", ref_dir / "checkpoint.pt", "--heads", "3"] + out, capsys)
+    assert "pass --heads" in _fails(ENCODER_TINY + ["--location-probe", ref_dir / "encoder.pt"] + out, capsys)
+
+
+@slow
+@pytest.mark.parametrize("pos_embed", ["sincos", "learnable"])
+def test_finetuning_at_another_image_size_resizes_the_position_embedding(pos_embed, tmp_path):
+    pre = tmp_path / "pre"
+    _train_in_process(TRAIN_TINY + ["--epochs", 1, "--pos-embed", pos_embed, "--output-dir", pre])
+    _train_in_process(ENCODER_TINY + ["--finetune", pre / "checkpoint.pt", "--img-size", 48, "--epochs", 1,
+                                      "--output-dir", tmp_path / "ft"])
+    model = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["model"]
+    assert model["encoder.pos_embed"].shape == (1, 1 + 12 * 12, 32)
+
+
+# --------------------------------------------------------------------------------------------
+# The probes: the paper's location probe and MAE's linear probe, as runs
+# --------------------------------------------------------------------------------------------
+
+def _encoder_tensors(ck_path):
+    return {k: v for k, v in torch.load(ck_path, weights_only=True)["model"].items() if k.startswith("encoder.")}
+
+
+@slow
+@pytest.mark.parametrize("probe", ["--location-probe", "--linear-probe"])
+def test_a_probe_trains_only_its_head_and_leaves_the_encoder_bit_identical(probe, pretrained_run, tmp_path):
+    ref_dir, _ = pretrained_run
+    out = tmp_path / "probe"
+    _train_in_process(ENCODER_TINY + [probe, ref_dir / "checkpoint.pt", "--epochs", 2, "--output-dir", out])
+    before, after = _encoder_tensors(ref_dir / "checkpoint.pt"), _encoder_tensors(out / "checkpoint.pt")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    summary = [r for r in _metrics(out / "metrics.jsonl") if r.get("summary")][-1]
+    keys = ({"probe_top1", "probe_within1", "probe_distance", "control_top1"} if probe == "--location-probe"
+            else {"test_top1"})
+    assert keys <= summary.keys() and all(0 <= summary[k] <= 100 for k in keys if not k.endswith("distance"))
+    with Image.open(out / "curves.png") as png:
+        assert png.format == "PNG"
+
+
+def test_the_location_probe_learns_positions_that_are_there_and_cannot_invent_them():
+    # Patch colours encode position, so a frozen random encoder's features carry it: trained on
+    # the true positions the probe reads them; trained on positions shuffled within each image it
+    # stays at chance (1/16) when scored on the truth, whatever it memorised.
+    torch.manual_seed(0)
+    with one_thread():
+        accs = {}
+        for shuffled in (False, True):
+            probe = train.LocationProbe(droppos.ViT(8, 2, 3, 32, 1, 2), 0.75)
+            opt = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=3e-2)
+            for _ in range(150):
+                head, _, dropped = probe(colour_coded_batch())
+                truth = torch.arange(16).expand(32, -1)
+                target = torch.stack([t[torch.randperm(16)] for t in truth]) if shuffled else truth
+                loss = F.cross_entropy(head[dropped], target[dropped])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                head, _, dropped = probe(colour_coded_batch())
+            accs[shuffled] = (head.argmax(-1) == torch.arange(16))[dropped].float().mean().item()
+    assert accs[False] > 0.9 and abs(accs[True] - 1 / 16) < 0.06, accs
+
+
+@slow
+def test_a_probe_run_resumes_exactly_after_sigkill(pretrained_run, tmp_path):
+    ref_dir, _ = pretrained_run
+    argv = ENCODER_TINY + ["--location-probe", ref_dir / "checkpoint.pt", "--epochs", 3]
+    _train_in_process(argv + ["--output-dir", tmp_path / "ref"])
+    proc = _start_train(argv + ["--output-dir", tmp_path / "run"], tmp_path)
+    _wait_for_step_of_epoch(proc, tmp_path / "run" / "metrics.jsonl", epoch=2)
+    proc.kill()
+    proc.wait()
+    _train_in_process(["--resume", tmp_path / "run"])
+    _assert_same_training_state(tmp_path / "ref" / "checkpoint.pt", tmp_path / "run" / "checkpoint.pt")
+    assert _learned_rows(tmp_path / "run" / "metrics.jsonl") == _learned_rows(tmp_path / "ref" / "metrics.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -1668,7 +1979,7 @@ def test_two_process_gloo_run_under_torchrun_writes_once_from_rank_0_and_runs_kn
     per_rank_steps = TRAIN_STEPS_PER_EPOCH // 2  # each process sees half of every epoch
     assert [r["step"] for r in records if not r.get("summary")] == list(range(1, epochs * per_rank_steps + 1))
     assert {p.name for p in out_dir.iterdir()} == {"metrics.jsonl", "checkpoint.pt", "encoder.pt", "reassembly.png",
-                                                   ".lock"}
+                                                   "curves.png", ".lock"}
     ck = torch.load(out_dir / "checkpoint.pt", weights_only=True)
     assert (ck["epoch"], ck["step_in_epoch"]) == (epochs, 0)
     assert len(ck["ranks"]) == 2  # both processes' random state, for an exact resume
@@ -1836,7 +2147,7 @@ def test_training_stream_gives_normalised_batches_seeded_by_epoch_and_step(sourc
         argv += ["--dataset", "imagefolder", "--data-dir", str(_image_folder(tmp_path / "photos", 40))]
     args = train.parse_args(argv)
     train_set, _, _ = train.load_datasets(args)
-    stream = train.TrainStream(train_set, args, 0, 1, False, torch.device("cpu"))
+    stream = train.TrainStream(train_set, args, 0, 1, "pretrain", torch.device("cpu"))
     assert stream.in_memory is in_memory
     epoch0 = [batch for _, batch in stream.epoch(0)]
     assert len(epoch0) == stream.steps == len(train_set) // 4
@@ -1910,7 +2221,18 @@ def test_set_ups_that_are_almost_certainly_wrong_are_warned_before_training(case
     assert any(phrase in w for w in warnings), warnings
 
 
-def test_a_plain_set_up_warns_nothing_and_its_start_up_line_names_the_data(pretrained_run, capsys):
+def test_fine_tuning_from_an_unfinished_run_is_warned_and_the_start_up_line_names_its_epoch(pretrained_run,
+                                                                                             tmp_path, capsys):
+    ck = torch.load(pretrained_run[0] / "checkpoint.pt", weights_only=True)
+    ck["epoch"] = 1  # as if it had stopped after its first epoch
+    torch.save(ck, tmp_path / "early.pt")
+    stdout = _train_in_process(ENCODER_TINY + ["--finetune", tmp_path / "early.pt", "--epochs", 1,
+                                               "--output-dir", tmp_path / "ft"])
+    assert "is an unfinished run: 1 of its 3 epochs were done" in capsys.readouterr().err
+    assert "(train.py checkpoint, epoch 1 of 3)" in stdout.splitlines()[0]
+
+
+def test_the_start_up_line_names_images_classes_sizes_and_grid(pretrained_run):
     _, stdout = pretrained_run
     assert "256 images in 10 classes (25-26 per class), 32 px, patch 4, grid 8x8" in stdout.splitlines()[0]
 
@@ -1997,7 +2319,7 @@ def test_a_bad_checkpoint_is_one_line(pretrained_run, tmp_path, capsys):
                          (tmp_path / "truncated.pt", "corrupt"), (tmp_path / "tensor.pt", "not a training checkpoint")]:
         assert phrase in _fails(["--resume", path] + out, capsys), path
     for path, phrase in [(tmp_path / "missing.pt", "does not exist"), (rnd, "corrupt"),
-                         (tmp_path / "truncated.pt", "corrupt"), (tmp_path / "tensor.pt", "neither a pre-training")]:
+                         (tmp_path / "truncated.pt", "corrupt"), (tmp_path / "tensor.pt", "is not a checkpoint train.py can read: a Tensor")]:
         assert phrase in _fails(ENCODER_TINY + ["--finetune", path] + out, capsys), path
 
 
@@ -2065,15 +2387,15 @@ def test_randaugment_levels_are_noisy_around_9_and_clipped():
 
 def test_paper_finetuning_stream_augments_per_image_and_replays_on_resume():
     paper = train.parse_args(SYNTH + ["--recipe", "paper", "--finetune", "scratch"])
-    stream = train.TrainStream(train.Data(paper, CPU).train, paper, 0, 1, True, torch.device("cpu"))
+    stream = train.TrainStream(train.Data(paper, CPU).train, paper, 0, 1, "finetune", torch.device("cpu"))
     assert not stream.in_memory and isinstance(stream.data, train.SeededTransform)
     assert any(isinstance(x, train.NoisyRandAugment) for x in stream.data.transform.transforms)
     whole = [imgs for _, (imgs, _) in stream.epoch(0)]
     _, (resumed, _) = next(stream.epoch(0, start_step=2))
     assert torch.equal(resumed, whole[2]) and whole[0].shape == (16, 3, 32, 32)
-    for argv, finetune in ((["--finetune", "scratch"], True), (["--recipe", "paper"], False)):
+    for argv, mode in ((["--finetune", "scratch"], "finetune"), (["--recipe", "paper"], "pretrain")):
         args = train.parse_args(SYNTH + argv)  # laptop fine-tuning and paper pre-training: in memory
-        assert train.TrainStream(train.Data(args, CPU).train, args, 0, 1, finetune, torch.device("cpu")).in_memory
+        assert train.TrainStream(train.Data(args, CPU).train, args, 0, 1, mode, torch.device("cpu")).in_memory
 
 
 def test_paper_evaluation_at_224_px_resizes_to_256_then_crops_224():
@@ -2347,6 +2669,193 @@ def test_save_reassembly_is_the_same_picture_each_time_and_leaves_training_untou
     train.save_reassembly(model, imgs, path, proc)
     assert path.read_bytes() == first  # the same masks every time, so epochs compare
     assert [p.name for p in tmp_path.iterdir()] == ["reassembly.png"]
+
+
+# --------------------------------------------------------------------------------------------
+# Position scores, the beliefs picture and curves.png
+# --------------------------------------------------------------------------------------------
+
+def brute_scores(probs, true_pos, grid):
+    """train.position_scores, one patch and one cell pair at a time."""
+    h, w = grid
+    N = h * w
+    top1 = within1 = dist = 0.0
+    for p, t in zip(probs.tolist(), true_pos.tolist()):
+        a = max(range(N), key=lambda k: p[k])
+        dr, dc = a // w - t // w, a % w - t % w
+        top1 += a == t
+        within1 += max(abs(dr), abs(dc)) <= 1
+        dist += math.hypot(dr, dc)
+    pairs = list(itertools.product(range(N), repeat=2))
+    chance_w = sum(max(abs(a // w - t // w), abs(a % w - t % w)) <= 1 for t, a in pairs) / N / N
+    chance_d = sum(math.hypot(a // w - t // w, a % w - t % w) for t, a in pairs) / N / N
+    M = len(true_pos)
+    return dict(top1=top1 / M, within1=within1 / M, distance=dist / M, chance_top1=1 / N,
+                chance_within1=chance_w, chance_distance=chance_d)
+
+
+def colours(img):
+    """The set of RGB colours an image uses."""
+    return {c for _, c in img.getcolors(maxcolors=1 << 24)}
+
+
+def one_hot(true_pos, N):
+    return torch.nn.functional.one_hot(true_pos, N).float()
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (3, 4), (8, 8)])
+def test_perfect_predictions_score_top1_and_within1_of_one_and_distance_zero(grid):
+    N = grid[0] * grid[1]
+    true = torch.arange(N).repeat(2)
+    s = train.position_scores(one_hot(true, N), true, grid)
+    assert (s["top1"], s["within1"], s["distance"]) == (1.0, 1.0, 0.0)
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (3, 4), (8, 8)])
+def test_scores_of_random_predictions_equal_a_brute_force_loop(grid):
+    g = torch.Generator().manual_seed(sum(grid))
+    N = grid[0] * grid[1]
+    probs = torch.rand(50, N, generator=g).softmax(1)  # continuous: no argmax ties
+    true = torch.randint(0, N, (50,), generator=g)
+    got, want = train.position_scores(probs, true, grid), brute_scores(probs, true, grid)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-9), k
+
+
+def test_chance_values_are_one_over_n_and_the_counted_neighbourhoods_on_8x8():
+    s = train.position_scores(torch.rand(3, 64), torch.tensor([0, 9, 63]), (8, 8))
+    assert s["chance_top1"] == 1 / 64
+    assert s["chance_within1"] == pytest.approx((4 * 4 + 24 * 6 + 36 * 9) / 64 / 64)
+
+
+def test_chance_distance_of_a_2x2_grid_averages_0_1_1_and_sqrt2():
+    s = train.position_scores(torch.rand(1, 4), torch.tensor([0]), (2, 2))
+    assert s["chance_distance"] == pytest.approx((0 + 1 + 1 + math.sqrt(2)) / 4)
+    assert s["chance_within1"] == 1.0
+
+def test_belief_matrices_rows_sum_to_one_and_match_a_loop():
+    g = torch.Generator().manual_seed(1)
+    h, w = 3, 4
+    probs = torch.rand(40, h * w, generator=g).softmax(1)
+    true = torch.cat([torch.arange(h * w), torch.randint(0, h * w, (28,), generator=g)])
+    rows, cols = train.row_col_beliefs(probs, true, (h, w))
+    assert rows.shape == (h, h) and cols.shape == (w, w)
+    torch.testing.assert_close(rows.sum(1), torch.ones(h))
+    torch.testing.assert_close(cols.sum(1), torch.ones(w))
+    p = probs.view(-1, h, w)
+    for i in range(h):
+        torch.testing.assert_close(rows[i], p[true // w == i].sum(2).mean(0))
+    for j in range(w):
+        torch.testing.assert_close(cols[j], p[true % w == j].sum(1).mean(0))
+
+
+def test_belief_matrices_of_perfect_predictions_are_the_identity():
+    true = torch.arange(12)
+    rows, cols = train.row_col_beliefs(one_hot(true, 12), true, (3, 4))
+    assert torch.equal(rows, torch.eye(3)) and torch.equal(cols, torch.eye(4))
+
+
+def test_a_true_row_no_patch_has_is_nan_not_a_fake_row():
+    true = torch.tensor([0, 1])  # both in row 0 of a 2x2 grid
+    rows, _ = train.row_col_beliefs(one_hot(true, 4), true, (2, 2))
+    assert rows[0].tolist() == [1.0, 0.0] and rows[1].isnan().all()
+
+
+@pytest.mark.parametrize("grid", [(8, 8), (14, 14), (3, 4)])
+def test_draw_beliefs_of_perfect_predictions_draws_max_colour_on_diagonal_zero_off(grid):
+    N = grid[0] * grid[1]
+    true = torch.arange(N)
+    img = train.draw_beliefs(one_hot(true, N), true, grid, examples=3)
+    assert isinstance(img, Image.Image) and img.mode == "RGB"
+    assert 300 < img.width < 2000 and 200 < img.height < 1200
+    assert (0, 220, 255) in colours(img)  # true cells outlined in cyan
+    x0, y0 = train.ORIGIN  # map A; map B sits (h + 2) cells to its right
+    for n, x0 in ((grid[0], x0), (grid[1], x0 + (grid[0] + 2) * train.CELL)):
+        for i, j in itertools.product(range(n), repeat=2):
+            want = (255, 255, 255) if i == j else (0, 0, 0)
+            cx, cy = x0 + j * train.CELL + train.CELL // 2, y0 + i * train.CELL + train.CELL // 2
+            assert img.getpixel((cx, cy)) == want
+
+
+def test_draw_beliefs_copes_with_fewer_patches_than_examples():
+    img = train.draw_beliefs(torch.rand(2, 16).softmax(1), torch.tensor([3, 5]), (4, 4), examples=6)
+    assert img.mode == "RGB"
+
+
+def realistic_rows(epochs=3, per_epoch=5, spe=20):
+    rows = []
+    for e in range(1, epochs + 1):
+        for j in range(1, per_epoch + 1):
+            step = (e - 1) * spe + j * spe // per_epoch  # the epoch's last step is always logged
+            rows.append(dict(epoch=e, step=step, loss=4 - step / 30, acc=0.02 + step / 200,
+                             lr=1e-4 * min(1, step / 20), sigma=1 - step / 60, images_per_sec=40.0))
+        summary = dict(epoch=e, summary=True, loss=4 - e / 2, acc=0.1 * e, skipped_images=0,
+                       elapsed_s=9.0 * e)
+        rows.append(summary | ({"knn_top1": 10.0 + e} if e % 2 else {}))
+    return rows
+
+
+def test_draw_curves_draws_a_realistic_run_as_an_rgb_grid_of_panels():
+    img = train.draw_curves(realistic_rows(), chance={"acc": 1 / 64, "knn_top1": 10.0})
+    assert img.mode == "RGB"
+    assert img.width >= 3 * 280 and img.height >= 2 * 160  # loss acc knn / lr sigma: two rows
+    assert (210, 70, 0) in colours(img)  # summary dots
+
+
+def test_end_of_each_epoch_lands_at_its_epoch_number():
+    rows = realistic_rows()
+    progress = [r for r in rows if "summary" not in r]
+    spe = train.steps_per_epoch(progress, [r for r in rows if "summary" in r])
+    assert spe == 20
+    assert [r["step"] / spe for r in progress if r["step"] % 20 == 0] == [1, 2, 3]
+
+
+def test_before_any_epoch_ends_the_latest_row_is_taken_as_its_end():
+    rows = realistic_rows(epochs=1)[:3]
+    assert train.steps_per_epoch(rows, []) == rows[-1]["step"]
+
+
+def test_draw_curves_of_no_rows_is_a_small_image_saying_so():
+    img = train.draw_curves([])
+    assert img.mode == "RGB" and img.width < 300 and img.height < 100
+    assert (0, 0, 0) in colours(img)
+
+
+def test_draw_curves_skips_nan_and_missing_values():
+    rows = realistic_rows()
+    rows[2]["loss"] = float("nan")
+    rows[5]["knn_top1"] = float("nan")
+    del rows[7]["acc"]
+    rows.append(dict(epoch=4, step=65, loss=float("inf"), lr=float("nan")))
+    assert train.draw_curves(rows).mode == "RGB"
+
+
+def test_draw_curves_draws_a_single_row_of_either_kind():
+    rows = realistic_rows()
+    assert train.draw_curves(rows[:1]).mode == "RGB"
+    assert train.draw_curves([rows[5]]).mode == "RGB"
+
+def test_acc_alone_is_a_fraction_drawn_in_percent_and_its_chance_is_in_the_rows_unit():
+    def panel(key, scale):
+        rows = [dict(epoch=e, summary=True, **{key: v * scale}) for e, v in ((1, 0.1), (2, 0.3))]
+        img = train.draw_curves(rows, chance={key: 0.05 * scale})
+        return img.crop((0, 28 + 16, 280, img.height))  # below the panel's title
+    assert panel("acc", 1).tobytes() == panel("knn_top1", 100).tobytes()
+    assert panel("knn_top1", 1).tobytes() != panel("knn_top1", 100).tobytes()
+
+
+def test_draw_curves_draws_the_keys_train_py_writes_one_panel_each():
+    rows = [dict(epoch=1, step=s, loss=3 - s / 9, pos_top1=2.0 + s, train_top1=5.0 + s, lr=1e-3,
+                 sigma=0.5, images_per_sec=9.0, elapsed_s=1.0) for s in (5, 10)]
+    rows.append(dict(epoch=1, summary=True, loss=2.0, pos_top1=10.0, train_top1=12.0, lr=1e-3,
+                     sigma=0.5, test_pos_top1=9.0, test_pos_within1=30.0, test_pos_distance=2.5,
+                     knn_top1=20.0, test_top1=21.0, probe_top1=22.0, probe_within1=40.0,
+                     probe_distance=2.0, control_top1=10.0, best_top1=21.0, skipped_images=0))
+    img = train.draw_curves(rows, chance={"pos_top1": 1 / 64 * 100, "test_pos_distance": 4.14})
+    assert img.mode == "RGB" and img.size[1] >= 5 * 160  # 15 keys in 3 columns
+    assert (210, 70, 0) in colours(img) and (128, 128, 128) in colours(img)  # dots, chance line
+
 
 
 # --------------------------------------------------------------------------------------------

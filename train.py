@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from einops import repeat
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageChops, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 from torchvision.transforms import v2
 
@@ -46,7 +46,8 @@ from droppos import PRESETS, DropPos, ViT, patchify, sigma_at, sincos_pos_embed,
 
 DATASETS = {"cifar10": 32, "cifar100": 32, "imagefolder": 224, "synthetic": 32}  # native image size
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "encoder.pt", "reassembly.png", "curves.png", "evaluation.json")
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "encoder.pt", "reassembly.png", "curves.png",
+             "evaluation.json")
 
 
 class UserError(Exception):
@@ -131,7 +132,7 @@ def build_parser():
     g.add_argument("--epochs", type=int, default=100, help="length of the run")
     g.add_argument("--batch-size", type=int, default=64, help="images per step and process")
     g.add_argument("--blr", type=float, help="base lr; lr = blr × total batch / 256 (default: 2e-3 "
-                   "for pre-training, 1e-3 for fine-tuning)")
+                   "for pre-training, 1e-3 for fine-tuning, 1e-2 for the probes)")
     g.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine")
     g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear lr warm-up")
     g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
@@ -148,15 +149,19 @@ def build_parser():
     g.add_argument("--mixup", type=float, default=0.8, help="MixUp alpha (0 = off)")
     g.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0 = off)")
 
-    g = p.add_argument_group("evaluation and probes (any checkpoint: train.py's, the official DropPos "
+    g = p.add_argument_group("evaluation and probes (any checkpoint: "
+                             "train.py's, the official DropPos "
                              "code's, MAE's, timm's)")
-    g.add_argument("--evaluate", metavar="CHECKPOINT", help="train nothing: position top-1, within one cell "
-                   "and distance on the held-out images (with a position head), k-NN, test top-1 (a "
+    g.add_argument("--evaluate", metavar="CHECKPOINT",
+                   help="train nothing: position top-1, within one cell and distance on the "
+                   "held-out images (with a position head), k-NN, test top-1 (a "
                    "fine-tuning checkpoint), the picture; evaluation.json and one JSON line")
-    g.add_argument("--location-probe", metavar="CHECKPOINT|random", help="the paper's location probe: a "
-                   "frozen encoder, every patch visible, the position embeddings of --pos-mask-ratio of "
+    g.add_argument("--location-probe", metavar="CHECKPOINT|random",
+                   help="the paper's location probe: a frozen encoder, every patch visible, the "
+                   "position embeddings of --pos-mask-ratio of "
                    "them replaced by one learned vector, linear heads predicting positions")
-    g.add_argument("--linear-probe", metavar="CHECKPOINT|random", help="MAE's linear probe: a frozen "
+    g.add_argument("--linear-probe", metavar="CHECKPOINT|random",
+                   help="MAE's linear probe: a frozen "
                    "encoder, BatchNorm without affine parameters and a linear classifier")
 
     g = p.add_argument_group("output and evaluation")
@@ -189,8 +194,10 @@ FREE_ON_RESUME = {"resume", "output_dir", "data_dir", "val_dir", "workers", "dev
 # What a command does: the flag that chose it (at most one), else pre-training.
 MODES = ("benchmark", "evaluate", "finetune", "location_probe", "linear_probe")
 # Flags that apply in some modes only; any other mode refuses them by name.
-MODE_ONLY = [({"mask_ratio", "sigma", "no_sigma_decay", "no_attentive", "tau", "decoder_dim",
-               "decoder_depth", "decoder_heads", "knn_every"}, {"pretrain", "benchmark"}),
+MODE_ONLY = [({"mask_ratio", "sigma", "no_sigma_decay", "no_attentive", "tau", "knn_every"},
+              {"pretrain", "benchmark"}),
+             ({"decoder_dim", "decoder_depth", "decoder_heads"},
+              {"pretrain", "benchmark", "evaluate"}),
              ({"pos_mask_ratio"}, {"pretrain", "benchmark", "location_probe"}),
              ({"knn_k", "knn_t"}, {"pretrain", "evaluate"}),
              ({"layer_decay", "drop_path", "smoothing", "mixup", "cutmix"}, {"finetune"}),
@@ -217,12 +224,14 @@ LIMITS = {  # flag: (low, high, low allowed, high allowed); NaN fails every comp
 # which run MAE's recipe: no clipping, a floor under the cosine. Entries equal to the parser's
 # default are listed too, so each paper column reads as the whole recipe.
 RECIPES = {
-    "laptop": {"pretrain": dict(blr=2e-3), "finetune": dict(blr=1e-3), "probe": dict(blr=1e-3, weight_decay=0.0)},
+    "laptop": {"pretrain": dict(blr=2e-3), "finetune": dict(blr=1e-3),
+               "probe": dict(blr=1e-2, weight_decay=0.0)},  # a linear head on frozen features
     "paper": {"pretrain": dict(blr=1.5e-4, warmup_epochs=10.0, min_lr=0.0, weight_decay=0.05, clip_grad=5.0,
                                decoder_dim=512, decoder_depth=2, decoder_heads=16),
               "finetune": dict(blr=1e-3, warmup_epochs=5.0, min_lr=1e-6, weight_decay=0.05, clip_grad=0.0,
-                               layer_decay=0.75, drop_path=0.1, smoothing=0.1, mixup=0.8, cutmix=1.0),
-              "probe": dict(blr=1e-3, weight_decay=0.0)},  # MAE's LARS at batch 16384 has no laptop form
+                               layer_decay=0.75, drop_path=0.1, smoothing=0.1, mixup=0.8,
+                               cutmix=1.0),
+              "probe": dict(blr=1e-2, weight_decay=0.0)},  # MAE: LARS, batch 16384; AdamW here
 }
 
 
@@ -271,11 +280,13 @@ def check_mode_flags(args, given):
     for flags, modes in MODE_ONLY:
         bad = sorted(given & flags) if mode not in modes else []
         if bad and mode == "pretrain":
-            raise UserError(f"{flag(bad[0])} applies only with {' or '.join(map(flag, modes - {'pretrain'}))}")
+            raise UserError(f"{flag(bad[0])} applies only with "
+                            f"{' or '.join(map(flag, modes - {'pretrain'}))}")
         if bad:
             raise UserError(f"{flag(bad[0])} does not apply with {flag(mode)}")
     if "model" in given and source_of(args):
-        raise UserError(f"--model does not apply with {flag(mode)} CHECKPOINT: the encoder's shape comes "
+        raise UserError(f"--model does not apply with {flag(mode)} "
+                        f"CHECKPOINT: the encoder's shape comes "
                         f"from the checkpoint")
 
 
@@ -287,8 +298,9 @@ def complete_args(args, given):
         args.img_size = DATASETS[args.dataset]
         native = first_image_size(args)
         if native and native != (args.img_size, args.img_size):
-            warn(f"the images in --data-dir are {native[0]}x{native[1]} px, but --{args.dataset} trains at "
-                 f"{args.img_size} px unless told otherwise: pass --img-size {min(native)} to train "
+            warn(f"the images in --data-dir are {native[0]}x{native[1]} px, but --{args.dataset} "
+                 f"trains at {args.img_size} px unless told otherwise: pass "
+                 f"--img-size {min(native)} to train "
                  f"at their size")
     check_heads(args, given)
     if args.patch_size is None:
@@ -325,7 +337,8 @@ def check_heads(args, given):
         return  # refused when the model is built: the width must split into equal heads
     preset = next((name for name, p in PRESETS.items() if p["dim"] == dim), None)
     if "heads" in given and preset and PRESETS[preset]["heads"] != heads:
-        warn(f"--heads {heads} splits width {dim} into heads of {dim // heads}; ViT-{preset.title()} "
+        warn(f"--heads {heads} splits width {dim} into heads of "
+             f"{dim // heads}; ViT-{preset.title()} "
              f"(width {dim}) has {PRESETS[preset]['heads']} of {dim // PRESETS[preset]['heads']}")
 
 
@@ -334,7 +347,8 @@ def default_workers(device):
 
 
 def recipe_mode(args):
-    """Which column of RECIPES a mode reads: probes have their own; --benchmark times pre-training."""
+    """Which column of RECIPES a mode reads: probes have their own; --benchmark times
+    pre-training."""
     mode = mode_of(args)
     return "probe" if mode.endswith("probe") else "pretrain" if mode == "benchmark" else mode
 
@@ -380,6 +394,7 @@ def model_config(args):
 # ============================================================================================
 
 def main(argv=None):
+    WARNINGS.clear()
     try:
         args = parse_args(argv)
         if args.benchmark:
@@ -416,9 +431,11 @@ def train(args):
     total_steps, warmup_steps = steps * args.epochs, int(args.warmup_epochs * steps)
     base_lr = args.blr * args.batch_size * proc.world / 256
     log = run.open_log(total_steps)
+    say_warnings()
     log.header(f"{task.name}{task.source} on {args.dataset}: {data.describe()}; {proc.world} "
                f"process(es) on {proc.device}, {proc.precision} ({proc.precision_why}); "
-               f"{task.n_params() / 1e6:.2f}M parameters, lr {base_lr:.2e}, {steps} steps per epoch, "
+               f"{task.n_params() / 1e6:.2f}M parameters, lr "
+               f"{base_lr:.2e}, {steps} steps per epoch, "
                f"{args.epochs} epoch{'s' * (args.epochs > 1)}, folder {run.folder}")
 
     epoch, step, stopped = run.epoch, run.step, None
@@ -498,14 +515,16 @@ class Pretraining(Task):
     """DropPos: the model, its optimiser settings, its step, the k-NN monitor, and what a
     pre-training run leaves behind besides its checkpoint (encoder.pt, reassembly.png)."""
 
-    name, mode, betas, acc_name, acc_key = "pre-training", "pretrain", (0.9, 0.95), "pos-acc", "pos_top1"
+    name, mode, betas, acc_name, acc_key = ("pre-training", "pretrain", (0.9, 0.95), "pos-acc",
+                                            "pos_top1")
 
     def __init__(self, args, data, proc):
         super().__init__(args, data, proc)
         self.model = build_droppos(model_config(args)).to(proc.device)
         self.groups = param_groups(self.model, args.weight_decay, no_decay=no_decay_rule(args.recipe, self.mode))
         self.vis_imgs = data.picture_images() if proc.rank == 0 else None
-        self.beliefs = None  # what the position head predicted on the held-out images, for the picture
+        # what the position head predicted on the held-out images, for the picture
+        self.beliefs = None
 
     def sigma(self, progress):
         return sigma_at(self.args.sigma, progress, decay=not self.args.no_sigma_decay)
@@ -522,14 +541,16 @@ class Pretraining(Task):
         cell, distance); k-NN top-1 every --knn-every epochs and at the end."""
         if self.data.held_out is None:
             return {}
-        results, self.beliefs = held_out_positions(lambda imgs: {"test_pos": decode_positions(self.model, imgs)},
+        results, self.beliefs = held_out_positions(lambda imgs:
+                                                   {"test_pos": decode_positions(self.model, imgs)},
                                                    self.data, self.args, self.proc, self.model.grid)
         if due and self.args.knn_every:
             results["knn_top1"] = run_knn(self.model.encoder, self.data, self.args, self.proc)
         return results
 
     def chance(self):
-        return dict(chance_of_grid(self.model.grid, "test_pos"), knn_top1=100 / self.data.num_classes,
+        return dict(chance_of_grid(self.model.grid, "test_pos"),
+                    knn_top1=100 / self.data.num_classes,
                     pos_top1=100 / self.model.encoder.num_patches)
 
     def write_outputs(self, folder, only_broken=False):
@@ -555,7 +576,8 @@ class Finetuning(Task):
     """A classifier on the pre-trained (or a random) encoder: MAE's fine-tuning recipe, layer-wise
     lr decay, MixUp/CutMix, label smoothing, and top-1 on the held-out images every epoch."""
 
-    name, mode, betas, acc_name, acc_key = "fine-tuning", "finetune", (0.9, 0.999), "train top-1", "train_top1"
+    name, mode, betas, acc_name, acc_key = ("fine-tuning", "finetune", (0.9, 0.999), "train top-1",
+                                            "train_top1")
 
     def __init__(self, args, data, proc):
         super().__init__(args, data, proc)
@@ -664,7 +686,8 @@ class LocationProbing(Probing):
 
     def step(self, net, imgs, labels, progress):  # -> loss, top-1 over the dropped positions
         head, control, dropped = net(imgs)
-        truth = torch.arange(head.shape[1], device=imgs.device).expand(len(imgs), -1)  # raster order
+        # raster order
+        truth = torch.arange(head.shape[1], device=imgs.device).expand(len(imgs), -1)
         loss = F.cross_entropy(head[dropped].float(), truth[dropped])
         if (~dropped).any():
             loss = loss + F.cross_entropy(control[~dropped].float(), truth[~dropped])
@@ -747,7 +770,8 @@ def build_classifier(args, num_classes):
     """The encoder the checkpoint holds (its shape is in args by now, see `take_encoder_shape`),
     its weights loaded, under a fresh head. On --resume the weights come from the fine-tuning
     checkpoint instead."""
-    return Classifier(build_encoder(args, args.drop_path), num_classes, mae_head=args.recipe == "paper")
+    return Classifier(build_encoder(args, args.drop_path), num_classes,
+                      mae_head=args.recipe == "paper")
 
 
 def batch_mixer(args, num_classes):
@@ -808,11 +832,13 @@ def checkpoint_path(resume):
         return path / "checkpoint.pt"
     owner = live_owner(path)
     if owner:
-        raise UserError(f"{str(path)!r} holds no checkpoint yet: its run is still in its first epoch "
+        raise UserError(f"{str(path)!r} holds no checkpoint yet: its run "
+                        f"is still in its first epoch "
                         f"({owner}) and writes one when the epoch ends")
     if (path / "metrics.jsonl").exists() or (path / ".checkpoint.pt.tmp").exists():
-        raise UserError(f"{str(path)!r} holds no checkpoint: its run stopped before it wrote the first one "
-                        f"(at the end of epoch 1), so there is nothing to resume; delete the folder and "
+        raise UserError(f"{str(path)!r} holds no checkpoint: its run stopped before it wrote the "
+                        f"first one (at the end of epoch 1), so there is nothing to "
+                        f"resume; delete the folder and "
                         f"start the run again")
     raise UserError(f"{str(path)!r} holds no run (no checkpoint.pt)")
 
@@ -1008,7 +1034,8 @@ def take_encoder_shape(args, given):
     path, mode = source_of(args), mode_of(args)
     imp = imported(path)
     if mode == "finetune" and imp.mode == "finetune":
-        raise UserError(f"{path!r} is a fine-tuning checkpoint; fine-tune from a pre-training run's "
+        raise UserError(f"{path!r} is a fine-tuning checkpoint; "
+                        f"fine-tune from a pre-training run's "
                         f"checkpoint.pt or encoder.pt")
     shape = dict(encoder_shape(imp.model), heads=imp.arch.get("heads"),
                  decoder_heads=imp.arch.get("decoder_heads"), **imp.extra)
@@ -1023,13 +1050,15 @@ def take_encoder_shape(args, given):
         mine = getattr(args, key)
         if shape.get(key) is None:  # heads of a file without flags or arch name
             if key not in given:
-                raise UserError(f"{path!r} does not record the number of {key.replace('_', ' ')}; pass "
+                raise UserError(f"{path!r} does not record the number of "
+                                f"{key.replace('_', ' ')}; pass "
                                 f"{flag(key)} (a train.py checkpoint.pt records it)")
             continue
         resizable = key == "img_size" and mode in ("finetune", "location_probe", "linear_probe")
         if key in given and mine != shape[key] and not resizable:
-            raise UserError(f"{flag(key)} {mine} differs from the encoder in {path!r} ({shape[key]}): "
-                            f"{mode.replace('_', ' ')} uses the encoder as it was trained; drop the flag")
+            raise UserError(f"{flag(key)} {mine} differs from the encoder in {path!r} "
+                            f"({shape[key]}): {mode.replace('_', ' ')} uses the encoder as "
+                            f"it was trained; drop the flag")
         if key not in given:
             setattr(args, key, shape[key])
     done, total = imp.epoch, (imp.args or {}).get("epochs")
@@ -1052,7 +1081,8 @@ def load_encoder(encoder, args):
     """The checkpoint's encoder weights into `encoder`, its position embedding resized to the
     encoder's grid where the image size changed."""
     path = source_of(args)
-    state = {k[len("encoder."):]: v for k, v in imported(path).model.items() if k.startswith("encoder.")}
+    state = {k[len("encoder."):]: v for k, v in imported(path).model.items()
+             if k.startswith("encoder.")}
     kind = "learnable" if encoder.pos_embed.requires_grad else "sincos"
     state["pos_embed"] = resize_pos_embed(state["pos_embed"], encoder.grid, kind)
     load_state(encoder, state, f"the encoder in {path!r}")
@@ -1138,14 +1168,16 @@ class FolderLock:
             created = not (f / ".lock").exists()
             self.fd = os.open(f / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise UserError(f"cannot create the output folder {str(f)!r}: {e.strerror or e}") from None
+            raise UserError(f"cannot create the output folder "
+                            f"{str(f)!r}: {e.strerror or e}") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
             self.fd = None
-            raise UserError(f"{str(f)!r} belongs to a run that is still going ({live_owner(f)}); let it "
-                            f"finish or stop it, then continue it with `python train.py --resume {f}`, "
+            raise UserError(f"{str(f)!r} belongs to a run that is still going ({live_owner(f)}); "
+                            f"let it finish or stop it, then continue it with "
+                            f"`python train.py --resume {f}`, "
                             f"or start another run in another --output-dir") from None
         try:
             if new_run:
@@ -1155,7 +1187,8 @@ class FolderLock:
             os.ftruncate(self.fd, 0)
             os.write(self.fd, f"pid {os.getpid()}: {' '.join(sys.argv)}"[:200].encode())
             probe = f / ".write-test"
-            atomic_write(probe, lambda fh: fh.write(b"ok"))  # read-only or full: say so before training
+            # read-only or full: say so before training
+            atomic_write(probe, lambda fh: fh.write(b"ok"))
             probe.unlink()
         except BaseException:
             self.__exit__()
@@ -1166,11 +1199,16 @@ class FolderLock:
         f = self.folder
         why = None
         if (f / "metrics.jsonl").exists() and not (f / "checkpoint.pt").exists():
-            why = (f"{str(f)!r} holds the log of a run that stopped before its first checkpoint, so there "
-                   f"is nothing to resume; delete the folder to start over there, or choose another "
+            why = (f"{str(f)!r} holds the log of a run that stopped before its first checkpoint, "
+                   f"so there is nothing to resume; delete the folder to start "
+                   f"over there, or choose another "
                    f"--output-dir")
+        elif (f / "evaluation.json").exists():
+            why = (f"{str(f)!r} already holds an evaluation; evaluate into another --output-dir, or "
+                   f"delete the folder first")
         elif any((f / name).exists() for name in RUN_FILES):
-            why = (f"{str(f)!r} already holds a run; continue it with `python train.py --resume {f}`, "
+            why = (f"{str(f)!r} already holds a run; continue it with "
+                   f"`python train.py --resume {f}`, "
                    f"or start over in another --output-dir (or delete the folder first)")
         if why:
             if created_lock:  # leave the folder as it was
@@ -1242,7 +1280,8 @@ class RunFolder:
         mine = ck["ranks"][self.proc.rank]
         self.rng, self.sums = mine["rng"], mine["sums"]
         if ck.get("precision", self.proc.precision) != self.proc.precision and self.proc.rank == 0:
-            warn(f"the run trained in {ck['precision']} so far and goes on in {self.proc.precision} "
+            warn(f"the run trained in {ck['precision']} so far and goes "
+                 f"on in {self.proc.precision} "
                  f"({self.proc.precision_why}); pass --precision {ck['precision']} to keep it")
         if self.proc.rank == 0 and self.epoch < args.epochs:
             print(f"resumed {str(self.folder)!r} at epoch {self.epoch + 1} step {self.step} "
@@ -1343,7 +1382,8 @@ def pick_precision(name, device):
     if device.type == "cuda":
         fast, why = torch.cuda.is_bf16_supported(), "the GPU's bf16 support"
     else:
-        fast, why = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}), "avx512_bf16/amx_bf16 in the CPU flags"
+        fast, why = (bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}),
+                     "avx512_bf16/amx_bf16 in the CPU flags")
     return ("bf16" if fast else "fp32"), f"auto: {'' if fast else 'no '}{why}"
 
 
@@ -1351,7 +1391,8 @@ def cpu_flags():
     """The CPU's feature flags as Linux reports them (empty elsewhere: fp32 is the safe default)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+            return next((set(line.split(":", 1)[1].split())
+                         for line in f if line.startswith("flags")), set())
     except OSError:
         return set()
 
@@ -1393,7 +1434,8 @@ class StopRequest:
         while self.active and not self.signalled:
             time.sleep(1)
             if os.getppid() != parent:  # re-parented: torchrun is gone
-                print(f"\ntorchrun (pid {parent}) is gone: saving and stopping", file=sys.stderr, flush=True)
+                print(f"\ntorchrun (pid {parent}) is gone: saving and stopping",
+                      file=sys.stderr, flush=True)
                 self.signalled = signal.SIGTERM
 
     def on_signal(self, signum, _):
@@ -1429,7 +1471,8 @@ class Data:
         self.per_class = self.class_counts()
         if proc.rank == 0:
             self.warn_about_classes()
-        self.stream = TrainStream(self.train, args, proc.rank, proc.world, mode_of(args), proc.device)
+        self.stream = TrainStream(self.train, args, proc.rank, proc.world, mode_of(args),
+                                  proc.device)
 
     def class_counts(self):
         """Training images per class, for every class the run has (0 for a class with none)."""
@@ -1441,7 +1484,8 @@ class Data:
 
     def warn_about_classes(self):
         """Set-ups that train without complaint but are almost certainly not what was meant."""
-        names = getattr(self.train.dataset, "classes", None) or [str(c) for c in range(self.num_classes)]
+        names = getattr(self.train.dataset,
+                        "classes", None) or [str(c) for c in range(self.num_classes)]
         if self.num_classes == 1:
             warn("the data has one class: k-NN and fine-tuning top-1 are 100 % whatever is learned")
         empty = [names[c] for c, n in enumerate(self.per_class) if n == 0]
@@ -1527,10 +1571,19 @@ def open_image(path):
         return str(path)
 
 
+WARNINGS = []  # said once the set-up has passed every check, just before the work starts
+
+
 def warn(line):
-    """A warning: the run goes on, but the user should know (rank 0 only, one line)."""
+    """A warning: the run goes on, but the user should know (rank 0 only, one line each)."""
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"warning: {line}", file=sys.stderr, flush=True)
+        WARNINGS.append(f"warning: {line}")
+
+
+def say_warnings():
+    if WARNINGS:
+        print("\n".join(WARNINGS), file=sys.stderr, flush=True)
+    WARNINGS.clear()
 
 
 _warned = set()
@@ -1686,8 +1739,10 @@ def load_cifar(args):
     behind; an archive already there that fails its checksum is named as such."""
     cls = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
     root, archive = Path(args.data_dir), Path(args.data_dir) / cls.filename
-    if archive.exists() and not torchvision.datasets.utils.check_integrity(str(archive), cls.tgz_md5):
-        raise UserError(f"{str(archive)!r} is corrupt or incomplete (its MD5 checksum does not match); "
+    if archive.exists() and not torchvision.datasets.utils.check_integrity(str(archive),
+                                                                           cls.tgz_md5):
+        raise UserError(f"{str(archive)!r} is corrupt or incomplete (its "
+                        f"MD5 checksum does not match); "
                         f"delete it and run again to download it, or put a good copy there")
     before = set(root.rglob("*")) if root.exists() else None
     try:
@@ -1700,8 +1755,9 @@ def load_cifar(args):
                 p.rmdir() if p.is_dir() else p.unlink()
         why = str(e).splitlines()[0] if str(e) else ""
         raise UserError(f"could not get {args.dataset} into {args.data_dir!r} ({type(e).__name__}: {why}). "
-                        f"Download {cls.filename} from https://www.cs.toronto.edu/~kriz/cifar.html and put "
-                        f"it in {args.data_dir!r} (or pass --data-dir), or use --dataset synthetic, which "
+                        f"Download {cls.filename} from https://www.cs.toronto.edu/~kriz/cifar.html "
+                        f"and put it in {args.data_dir!r} (or pass --data-dir), or "
+                        f"use --dataset synthetic, which "
                         f"works offline") from None
 
 
@@ -2098,7 +2154,8 @@ def held_out_positions(predict, data, args, proc, grid, keep=20_000):
     predict(imgs) -> {name: (logits (B, n, N), true cells (B, n), scored (B, n) bool)} returns.
     Masks are seeded by --seed, so every epoch scores the same patches, and the training RNG is
     left as it was (exact resume).  -> ({name_top1 %, name_within1 %, name_distance cells},
-    {name: (probs (M, N), true cells (M,))} of up to `keep` patches of this process, for pictures)."""
+    {name: (probs (M, N), true cells (M,))} of up to `keep` patches of this process, for
+    pictures)."""
     sums, kept = {}, {}
     with torch.random.fork_rng([proc.device] if proc.device.type == "cuda" else []):
         torch.manual_seed(args.seed)
@@ -2108,7 +2165,8 @@ def held_out_positions(predict, data, args, proc, grid, keep=20_000):
             for name, (logits, true, scored) in groups.items():
                 probs, true = logits[scored].float().softmax(-1), true[scored]
                 s, n = position_scores(probs, true, grid), len(true)
-                sums[name] = sums.get(name, 0) + torch.tensor([s["top1"], s["within1"], s["distance"], 1.0]) * n
+                sums[name] = sums.get(name, 0) + torch.tensor([s["top1"], s["within1"],
+                                                               s["distance"], 1.0]) * n
                 p, t = kept.setdefault(name, ([], []))
                 if sum(map(len, t)) < keep:
                     p.append(probs.cpu()), t.append(true.cpu())
@@ -2144,9 +2202,11 @@ def evaluate(args):
     if "decoder.head.weight" in imp.model:
         model = build_droppos(model_config(args)).to(proc.device).eval()
         load_state(model, imp.model, f"the model in {path!r}")
-        scores, beliefs = held_out_positions(lambda imgs: {"test_pos": decode_positions(model, imgs)},
+        scores, beliefs = held_out_positions(lambda imgs:
+                                             {"test_pos": decode_positions(model, imgs)},
                                              data, args, proc, model.grid)
-        results.update(scores, **{f"{k}_chance": v for k, v in chance_of_grid(model.grid, "test_pos").items()},
+        results.update(scores, **{f"{k}_chance": v for k, v in chance_of_grid(model.grid,
+                                                                              "test_pos").items()},
                        mask_ratio=args.mask_ratio, pos_mask_ratio=args.pos_mask_ratio)
         imgs = data.picture_images() if proc.rank == 0 else None
         if imgs is not None:
@@ -2154,9 +2214,11 @@ def evaluate(args):
         encoder = model.encoder
     else:
         encoder = build_encoder(args).to(proc.device)
+    say_warnings()
     results.update(knn_top1=run_knn(encoder, data, args, proc), top1_chance=100 / data.num_classes)
     if imp.mode == "finetune":
-        classifier = Classifier(build_encoder(args), data.num_classes, imp.args.get("recipe") == "paper")
+        classifier = Classifier(build_encoder(args), data.num_classes,
+                                imp.args.get("recipe") == "paper")
         load_state(classifier, load_checkpoint(path)["model"], f"the classifier in {path!r}")
         results["test_top1"] = evaluate_classifier(classifier.to(proc.device), data, args, proc)
     if proc.rank == 0:
@@ -2195,9 +2257,10 @@ def save_reassembly(model, imgs, path, proc, beliefs=None):
     caption = (f"position accuracy on dropped patches: {100 * out.acc.item():.1f}%  ·  "
                f"attention: each patch's weight in the loss, hot = high\n{LEGEND}")
     picture = draw_reassembly(rows, info, max(1, math.ceil(128 / imgs.shape[-1])), labels, caption)
-    if beliefs is not None:  # below: what the head predicts over the whole held-out set
+    if beliefs is not None and len(beliefs[1]):  # below: what the head predicts on the held-out set
         below = draw_beliefs(*beliefs, model.grid)
-        both = Image.new("RGB", (max(picture.width, below.width), picture.height + below.height), "white")
+        both = Image.new("RGB", (max(picture.width, below.width), picture.height + below.height),
+                         "white")
         both.paste(picture, (0, 0)), both.paste(below, (0, picture.height))
         picture = both
     atomic_write(path, lambda f: picture.save(f, format="PNG"))
@@ -2219,7 +2282,7 @@ def reassembly_rows(pixels, ids_keep, dropped, probs, weights, grid, patch_size)
     # scatter with repeated indices keeps an arbitrary writer; on a collision we want the surest one
     winner = torch.where(claims, conf[..., None], -1.0).argmax(1)  # (B, N)
     t = weights / weights.amax(1, keepdim=True)  # (B, N), hottest patch at 1 in every image
-    hot = torch.stack([3 * t, 3 * t - 1, 3 * t - 2], -1).clamp(0, 1)  # black → red → yellow → white
+    hot = heat(t)  # black → red → yellow → white
     lum = patchify(pixels.mean(1, keepdim=True).expand_as(pixels), patch_size)  # grey copy: colour = heat
     rows = dict(original=patches,
                 visible=grey.scatter(1, ids_keep[..., None].expand_as(vis), vis),
@@ -2266,227 +2329,104 @@ def draw_reassembly(rows, info, scale, labels, caption):
     return canvas
 
 
-# --- pictures of positions and curves (PIL only) ---
+# --- pictures of what the position head believes, and of a run's curves (PIL only) ---
 
-GAP, LINE = 6, 20  # px between things, px per caption line
-TRUE, ARGMAX, EMPTY = (0, 220, 255), (0, 200, 0), (200, 200, 200)  # cyan, green, no data (grey)
-
-
-def fonts():
-    return ImageFont.load_default(size=15), ImageFont.load_default(size=10)
+FONT, SMALL = ImageFont.load_default(size=14), ImageFont.load_default(size=11)
+CELL, PAD = 16, 8  # px per cell of maps A and B, px margin
+ORIGIN = (PAD, 68)  # top left of map A; map B starts (h + 2) * CELL to its right
+TRUE, ARGMAX, EMPTY = (0, 220, 255), (0, 200, 0), (200, 200, 200)  # cyan, green, no data
+SKIP = {"epoch", "step", "summary", "skipped_images", "elapsed_s", "images_per_sec", "best_top1"}
+PW, PH, THIN, THICK = 280, 160, (90, 120, 200), (210, 70, 0)  # curve panel px; progress, summary
 
 
 def heat(t):
-    """(..., ) values in [0, 1] → (..., 3) floats: black → red → yellow → white (train.py's map)."""
+    """(...) in [0, 1] -> (..., 3) floats: black -> red -> yellow -> white."""
     return torch.stack([3 * t, 3 * t - 1, 3 * t - 2], -1).clamp(0, 1)
 
 
-# ============================================================================================
-# 1. Position beliefs
-# ============================================================================================
-
-def cell_coords(grid, device=None):
-    """(N, 2) float64: (row, column) of every cell of an h×w grid in raster order."""
-    h, w = grid
-    k = torch.arange(h * w, device=device)
-    return torch.stack([k // w, k % w], 1).double()
-
-
 def position_scores(probs, true_pos, grid):
-    """How well the argmax cell matches the true cell, next to a uniform guess over the N cells.
-
-    probs: (M, N) predicted distributions (only their argmax counts), true_pos: (M,) long on the
-    same device, grid: (h, w). Returns Python floats: top1 and within1 as fractions in [0, 1]
-    (within1: Chebyshev distance between argmax and true cell <= 1), distance as the mean
-    Euclidean distance in cells; and chance_top1 = 1/N, chance_within1 and chance_distance: the
-    same averaged over every (true cell, guessed cell) pair, i.e. the mean over true cells of a
-    uniform guess's expectation.
-    """
-    xy = cell_coords(grid, probs.device)  # (N, 2), float64 so the chances come out exact
-    d = xy[probs.argmax(1)] - xy[true_pos]  # (M, 2) row and column offsets of the argmax
-    all_d = xy[:, None] - xy[None]  # (N, N, 2) every true cell against every guess
-    return dict(top1=(d == 0).all(1).double().mean().item(),
-                within1=(d.abs().amax(1) <= 1).double().mean().item(),
-                distance=d.norm(dim=1).mean().item(),
-                chance_top1=1 / len(xy),
-                chance_within1=(all_d.abs().amax(2) <= 1).double().mean().item(),
-                chance_distance=all_d.norm(dim=2).mean().item())
+    """probs: (M, N), only the argmax counts; true_pos: (M,) long, same device; grid: (h, w).
+    Floats: top1, within1 (Chebyshev distance <= 1) as fractions, distance as mean Euclidean
+    cells; chance_*: the same over every (true cell, guess) pair, i.e. a uniform guess."""
+    h, w = grid
+    k = torch.arange(h * w, device=probs.device)
+    xy = torch.stack([k // w, k % w], 1).double()  # (N, 2); float64 so the chances are exact
+    s = {}
+    for pre, d in (("", xy[probs.argmax(1)] - xy[true_pos]), ("chance_", xy[:, None] - xy[None])):
+        d = d.view(-1, 2)  # (M or N*N, 2) row and column offsets of the guess from the truth
+        s |= {pre + "top1": (d == 0).all(1).double().mean().item(),
+              pre + "within1": (d.abs().amax(1) <= 1).double().mean().item(),
+              pre + "distance": d.norm(dim=1).mean().item()}
+    return s
 
 
 def row_col_beliefs(probs, true_pos, grid):
-    """(h, h) and (w, w): entry [i, j] is the mean, over the patches whose true row (column) is i,
-    of the probability mass put on row (column) j. Rows sum to 1; a row no patch has is NaN.
-
-    probs: (M, N) distributions over the N cells, true_pos: (M,) long, grid: (h, w).
-    """
+    """(h, h) and (w, w): [i, j] is the mean mass put on row (column) j by the patches whose true
+    row (column) is i. Rows sum to 1; a row no patch has is NaN. probs: (M, N), true_pos: (M,)."""
     h, w = grid
     p = probs.float().view(-1, h, w)
     out = []
     for true, mass, n in ((true_pos // w, p.sum(2), h), (true_pos % w, p.sum(1), w)):
-        total = mass.new_zeros(n, n).index_add_(0, true, mass)  # (n, n) summed mass per true line
+        total = mass.new_zeros(n, n).index_add_(0, true, mass)  # (n, n) mass per true line
         out.append(total / torch.bincount(true, minlength=n)[:, None])  # 0 / 0 = NaN: no patches
     return tuple(out)
 
 
 def heat_image(values, vmax, cell):
-    """(a, b) values → a PIL image of a×b squares of `cell` px, coloured by values / vmax."""
+    """(a, b) values -> PIL image of a x b squares of `cell` px coloured by values / vmax."""
     rgb = heat(values.float() / vmax)
     rgb[values.isnan()] = torch.tensor(EMPTY) / 255
-    big = rgb.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
-    return Image.fromarray(big.mul(255).round().byte().numpy())
-
-
-def vertical_text(text, font):
-    """The text turned a quarter left (reads bottom to top), on white."""
-    box = font.getbbox(text)
-    img = Image.new("RGB", (box[2] + 2, box[3] + 2), "white")
-    ImageDraw.Draw(img).text((1, 1), text, fill="black", font=font)
-    return img.rotate(90, expand=True)
-
-
-def fmt(v):
-    return "0" if v == 0 else f"{v:.1e}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.3g}"
-
-
-def scale_bar(canvas, x0, y0, height, vmax, marks, font):
-    """A vertical bar from 0 (bottom) to vmax (top), its ends labelled below and above it; marks:
-    label → value, drawn as a cyan tick across the bar. Returns the width it took."""
-    t = torch.linspace(1, 0, height)[:, None].expand(height, 12)
-    canvas.paste(heat_image(t * vmax, vmax, 1), (x0, y0))
-    draw = ImageDraw.Draw(canvas)
-    draw.rectangle([x0 - 1, y0 - 1, x0 + 12, y0 + height], outline="grey")
-    draw.text((x0, y0 - 3), fmt(vmax), fill="black", font=font, anchor="ld")
-    draw.text((x0, y0 + height + 2), "0", fill="black", font=font, anchor="lt")
-    labels = [fmt(vmax)]
-    for name, v in marks.items():
-        y = y0 + round((1 - v / vmax) * (height - 1))
-        draw.line([x0 - 3, y, x0 + 15, y], fill=TRUE, width=2)
-        labels.append(f"{name} = {fmt(v)}")
-        draw.text((x0 + 18, y), labels[-1], fill="black", font=font, anchor="lm")
-    return 18 + max(font.getbbox(s)[2] for s in labels)
-
-
-def matrix_panel(canvas, x0, y0, m, vmax, cell, title, what, font, small):
-    """Title, the heat map of m with "predicted <what>" across and "true <what>" down, index labels
-    at the top and left. Returns (width, height) taken and the map's top left corner."""
-    draw = ImageDraw.Draw(canvas)
-    n = len(m)
-    label = vertical_text(f"true {what}", font)
-    mx, my = x0 + label.width + 22, y0 + 2 * LINE + 12  # the map's top left corner
-    draw.text((x0, y0), title, fill="black", font=font)
-    draw.text((mx + n * cell // 2, y0 + LINE + 8), f"predicted {what}", fill="black", font=font,
-              anchor="mm")
-    canvas.paste(label, (x0, my + (n * cell - label.height) // 2))
-    every = 1 if cell >= 16 or n <= 10 else 2
-    for i in range(0, n, every):
-        mid = i * cell + cell // 2
-        draw.text((mx + mid, my - 2), str(i), fill="black", font=small, anchor="md")
-        draw.text((mx - 3, my + mid), str(i), fill="black", font=small, anchor="rm")
-    canvas.paste(heat_image(m, vmax, cell), (mx, my))
-    draw.rectangle([mx - 1, my - 1, mx + n * cell, my + n * cell], outline="grey")
-    return max(mx - x0 + n * cell, font.getbbox(title)[2]), my - y0 + n * cell, (mx, my)
+    return Image.fromarray(rgb.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+                           .mul(255).round().byte().numpy())
 
 
 def draw_beliefs(probs, true_pos, grid, examples=4):
-    """What the position head believes over a held-out set, as one RGB PIL image.
-
-    probs: (M, N) predicted distributions over the N = h·w cells of grid (h, w), one per patch
-    whose position was dropped; true_pos: (M,) long, its true cell. Panel A: true row × predicted
-    row (row_col_beliefs); B: the same for columns, both on one colour scale; C: `examples`
-    patches at evenly spaced indices of the set, each its distribution over the grid with the
-    true cell outlined in cyan and the argmax cell marked by a green square, on a scale of its own.
-    img.info["layout"] says where maps A and B sit (for tests): cell side, top left corners.
-    """
-    font, small = fonts()
+    """probs: (M, N) predicted distributions, true_pos: (M,) long, grid: (h, w) -> RGB image.
+    A: true row x predicted row (row_col_beliefs), B: the same for columns, on one scale;
+    C: `examples` evenly spaced patches, each over the grid, on a scale of their own."""
     h, w = grid
     probs, true_pos = probs.detach().float().cpu(), true_pos.detach().long().cpu()
     rows, cols = row_col_beliefs(probs, true_pos, grid)
     s = position_scores(probs, true_pos, grid)
-    caption = (f"Position beliefs on {len(probs)} patches whose position was dropped, {h}x{w} grid."
-               f"  A, B: mean predicted mass per row / column, by true row / column.  "
-               f"C: single patches\n"
-               f"top-1 {100 * s['top1']:.1f}% (chance {100 * s['chance_top1']:.1f}%)   "
-               f"within one cell {100 * s['within1']:.1f}% "
-               f"(chance {100 * s['chance_within1']:.1f}%)   "
-               f"mean distance {s['distance']:.2f} cells (chance {s['chance_distance']:.2f})")
+    img = Image.new("RGB", (4000, 2000), "white")  # ample; cropped to what is drawn
+    d = ImageDraw.Draw(img)
+    d.multiline_text((PAD, PAD), spacing=6, fill="black", font=FONT, text=(
+        f"{len(probs)} patches, {h}x{w} grid. A, B: mean mass per predicted row / column "
+        f"(across) by true one (down). C: patches, cyan = true cell, green = argmax\n"
+        f"top-1 {s['top1']:.1%} (chance {s['chance_top1']:.1%})   within one cell "
+        f"{s['within1']:.1%} (chance {s['chance_within1']:.1%})   mean distance "
+        f"{s['distance']:.2f} cells (chance {s['chance_distance']:.2f})"))
+    x, y = ORIGIN
+    vmax = max(rows.nan_to_num(0).max().item(), cols.nan_to_num(0).max().item())
+    for m, title in ((rows, "A rows"), (cols, "B columns")):
+        d.text((x, y - 4), title, "black", FONT, anchor="ld")
+        img.paste(heat_image(m, vmax, CELL), (x, y))
+        d.rectangle([x - 1, y - 1, x + len(m) * CELL, y + len(m) * CELL], outline="grey")
+        x += (len(m) + 2) * CELL
+    bars = [(x, y, max(h, w) * CELL, vmax, {f"1/{h}": 1 / h, f"1/{w}": 1 / w})]  # h = w: 1 mark
     idx = torch.linspace(0, len(probs) - 1, min(examples, len(probs))).round().long().unique()
-    cell, small_cell = min(20, max(12, 224 // max(h, w))), min(14, max(6, 112 // max(h, w)))
-    room = 1000 + 3 * max(h, w) * cell + len(idx) * (max(w * small_cell, 80) + 2 * GAP)
-    canvas = Image.new("RGB", (room, room), "white")  # ample; cropped at the end
-    draw = ImageDraw.Draw(canvas)
-    draw.multiline_text((GAP, GAP), caption, fill="black", font=font, spacing=LINE - 15)
-    top = GAP + 2 * LINE + GAP
-
-    vmax = max(rows.nan_to_num(0).max().item(), cols.nan_to_num(0).max().item(), 1e-12)
-    x, tall, layout = GAP, 0, {"cell": cell}
-    for m, title, what in ((rows, "A  true row x predicted row", "row"),
-                           (cols, "B  true column x predicted column", "column")):
-        pw, ph, layout[what] = matrix_panel(canvas, x, top, m, vmax, cell, title, what, font, small)
-        x, tall = x + pw + 3 * GAP, max(tall, ph)
-    marks = {"1/h": 1 / h} if h == w else {"1/h": 1 / h, "1/w": 1 / w}
-    height = max(h, w) * cell
-    x += scale_bar(canvas, x, top + tall - height, height, vmax, marks, small) + GAP
-    right = x
-
-    y = top + tall + 3 * GAP
-    draw.text((GAP, y), "C  single patches: predicted probability over the grid "
-              "(cyan outline = true cell, green square = argmax)", fill="black", font=font)
-    y += LINE + 3 * GAP  # room for the scale bar's top label
-    probs_c = probs[idx].view(-1, h, w)
-    vmax_c = max(probs_c.max().item(), 1e-12) if len(idx) else 1.0
-    x = GAP
-    for k, p in zip(idx.tolist(), probs_c):
-        canvas.paste(heat_image(p, vmax_c, small_cell), (x, y))
-        t, a = true_pos[k].item(), p.flatten().argmax().item()
-        tx, ty = x + t % w * small_cell, y + t // w * small_cell
-        draw.rectangle([tx, ty, tx + small_cell - 1, ty + small_cell - 1], outline=TRUE, width=2)
-        ax, ay, r = x + a % w * small_cell, y + a // w * small_cell, small_cell // 2
-        draw.rectangle([ax + r // 2, ay + r // 2, ax + r + r // 2 - 1, ay + r + r // 2 - 1],
-                       fill=ARGMAX)
-        draw.rectangle([x - 1, y - 1, x + w * small_cell, y + h * small_cell], outline="grey")
-        lines = f"patch {k}\np(true) {fmt(p.flatten()[t].item())}"
-        draw.multiline_text((x, y + h * small_cell + 4), lines, fill="black", font=small)
-        x += max(w * small_cell, 80) + 2 * GAP
-    x += scale_bar(canvas, x, y, h * small_cell, vmax_c, {"1/N": 1 / (h * w)}, small)
-    bottom = y + h * small_cell + 2 * LINE + GAP
-    width = max(right, x, max(font.getbbox(s)[2] for s in caption.split("\n")) + GAP) + GAP
-    img = canvas.crop((0, 0, width, bottom))
-    img.info["layout"] = layout  # where the maps sit: {"cell": px, "row": (x, y), "column": (x, y)}
-    return img
-
-
-# ============================================================================================
-# 2. Learning curves
-# ============================================================================================
-
-# key → (panel title, unit, scale: the factor from the value in the rows to the unit shown). The
-# one place that says which numbers are fractions: "acc" is; the summaries' evaluation results
-# (k-NN, test, probes, position scores) are written in percent already.
-PANELS = {
-    "loss": ("training loss", "", 1),
-    "acc": ("training accuracy", "%", 100),
-    "knn_top1": ("k-NN top-1", "%", 1),
-    "test_top1": ("test top-1", "%", 1),
-    "probe_top1": ("probe top-1", "%", 1),
-    "linear_top1": ("linear probe top-1", "%", 1),
-    "pos_top1": ("position top-1", "%", 1),
-    "pos_within1": ("position within one cell", "%", 1),
-    "pos_distance": ("position distance", "cells", 1),
-    "lr": ("learning rate", "", 1),
-    "sigma": ("sigma (position smoothing)", "", 1),
-}
-UNKNOWN_RANK = list(PANELS).index("lr") - 0.5  # unknown keys go after the known results, before lr
-BOOKKEEPING = {"epoch", "step", "summary", "skipped_images", "elapsed_s", "images_per_sec",
-               "best_top1"}  # best_top1 is the running maximum of test_top1
-PANEL_W, PANEL_H, LEFT, RIGHT, TOP, BOTTOM = 300, 180, 56, 12, 24, 30  # px; margins of a plot
-THIN, THICK = (90, 120, 200), (210, 70, 0)  # progress rows, epoch summaries
-
-
-def panel_style(key):
-    """(title, unit, scale) of a key: PANELS, else its name, "%" for accuracy-like names, scale 1.
-    """
-    accuracy = key == "acc" or key.endswith(("_top1", "_within1"))
-    return PANELS.get(key, (key.replace("_", " "), "%" if accuracy else "", 1))
+    c, x, y, vmax = CELL // 2, PAD, y + (max(h, w) + 3) * CELL, probs[idx].max().item()
+    d.text((x, y - 4), "C patches", "black", FONT, anchor="ld")
+    for k in idx.tolist():
+        img.paste(heat_image(probs[k].view(h, w), vmax, c), (x, y))
+        d.rectangle([x - 1, y - 1, x + w * c, y + h * c], outline="grey")  # white cells show
+        t, a = true_pos[k].item(), probs[k].argmax().item()
+        tx, ty, ax, ay = x + t % w * c, y + t // w * c, x + a % w * c, y + a // w * c
+        d.rectangle([tx, ty, tx + c - 1, ty + c - 1], outline=TRUE, width=2)
+        d.rectangle([ax + 2, ay + 2, ax + c - 3, ay + c - 3], fill=ARGMAX)  # inside an outline
+        x += w * c + 2 * PAD
+    bars.append((x, y, h * c, vmax, {"1/N": 1 / (h * w)}))
+    for x, y, n, vmax, marks in bars:  # colour scales, n px tall: 0 at the bottom, chance ticked
+        img.paste(heat_image(torch.linspace(vmax, 0, n)[:, None].expand(-1, 12), vmax, 1), (x, y))
+        d.text((x, y - 2), f"{vmax:.3g}", "black", SMALL, anchor="ld")
+        d.text((x, y + n + 2), "0", "black", SMALL, anchor="lt")
+        ty = [y + round((1 - v / vmax) * (n - 1)) for v in marks.values()]
+        for t in ty:
+            d.line([x - 3, t, x + 15, t], fill=TRUE, width=2)
+        d.text((x + 18, sum(ty) / len(ty)), ", ".join(f"{k} = {v:.3g}" for k, v in marks.items()),
+               "black", SMALL, anchor="lm")  # one label: 1/h and 1/w may be close
+    box = ImageChops.invert(img).getbbox()  # the drawn part: not white
+    return img.crop((0, 0, box[2] + PAD, box[3] + PAD))
 
 
 def finite(v):
@@ -2494,120 +2434,58 @@ def finite(v):
 
 
 def steps_per_epoch(progress, summaries):
-    """Optimiser steps per epoch, read off the rows. train.py always logs an epoch's last step, so
-    an epoch e that has a summary ends at its largest progress step, e · steps_per_epoch. Before any
-    epoch is complete its length is unknown; then the latest row is taken as its epoch's end.
-    """
-    done = {r["epoch"] for r in summaries}
-    ends = {}
-    for r in progress:
-        ends[r["epoch"]] = max(ends.get(r["epoch"], 0), r["step"])
-    complete = [ends[e] / e for e in ends if e in done]
-    if complete:
-        return min(complete)
-    return max(ends.values()) / max(ends) if ends else 1.0
-
-
-def series(rows, key, x_of):
-    pts = [(x_of(r), r[key] * panel_style(key)[2]) for r in rows if finite(r.get(key))]
-    return sorted(pts)
-
-
-def dashed(draw, x0, x1, y, fill, dash=5):
-    for x in range(x0, x1, 2 * dash):
-        draw.line([x, y, min(x + dash, x1), y], fill=fill, width=1)
-
-
-def plot_panel(canvas, x0, y0, key, thin, thick, chance, xmax, x_name, fonts_):
-    """One quantity: thin line for progress points, dots joined by a thick line for summaries."""
-    font, small = fonts_
-    draw = ImageDraw.Draw(canvas)
-    title, unit, _ = panel_style(key)
-    last = (thick or thin)[-1][1]
-    draw.text((x0 + 4, y0 + 2), f"{title}{f' ({unit})' if unit else ''}   last {fmt(last)}",
-              fill="black", font=small)
-    ys = [y for _, y in thin + thick] + ([chance] if chance is not None else [])
-    y_min, y_max = min(ys), max(ys)
-    pad = 0.06 * (y_max - y_min) or max(abs(y_max) * 0.05, 1e-3)  # off the frame; flat lines too
-    lo, hi = y_min - pad, y_max + pad
-    px0, px1, py0, py1 = x0 + LEFT, x0 + PANEL_W - RIGHT, y0 + TOP, y0 + PANEL_H - BOTTOM
-
-    def at(x, y):
-        return (px0 + x / xmax * (px1 - px0), py1 - (y - lo) / (hi - lo) * (py1 - py0))
-
-    draw.rectangle([px0, py0, px1, py1], outline="grey")
-    stride = max(1, math.ceil(xmax / 6))
-    for e in range(0, math.floor(xmax) + 1, stride):
-        x = at(e, lo)[0]
-        draw.line([x, py1, x, py1 + 3], fill="grey")
-        draw.text((x, py1 + 4), str(e), fill="black", font=small, anchor="mt")
-    draw.text(((px0 + px1) / 2, py1 + 16), x_name, fill="black", font=small, anchor="mt")
-    for v in (y_min, y_max):  # the data's ends, at their heights
-        y = at(0, v)[1]
-        draw.line([px0 - 3, y, px0, y], fill="grey")
-        draw.text((px0 - 5, y), fmt(v), fill="black", font=small, anchor="rm")
-    if chance is not None:
-        y = round(at(0, chance)[1])
-        dashed(draw, px0 + 1, px1 - 1, y, "grey")
-        draw.text((px1 - 3, y - 2), "chance", fill="grey", font=small, anchor="rd")
-    if len(thin) > 1:
-        draw.line([at(*p) for p in thin], fill=THIN, width=1)
-    elif thin:
-        x, y = at(*thin[0])
-        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=THIN)
-    if len(thick) > 1:
-        draw.line([at(*p) for p in thick], fill=THICK, width=2)
-    for p in thick:
-        x, y = at(*p)
-        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=THICK)
-
-
-def message(text):
-    font, _ = fonts()
-    img = Image.new("RGB", (font.getbbox(text)[2] + 4 * GAP, LINE + 4 * GAP), "white")
-    ImageDraw.Draw(img).text((2 * GAP, 2 * GAP), text, fill="black", font=font)
-    return img
+    """train.py logs each epoch's last step, so the first summarised epoch e ends at its largest
+    step = e * steps_per_epoch. Before any summary: the rows' largest step / largest epoch."""
+    done = {r["epoch"] for r in progress} & {r["epoch"] for r in summaries} - {0}
+    rs = [r for r in progress if r["epoch"] == min(done)] if done else progress
+    return max([r["step"] for r in rs], default=1) / max([r["epoch"] for r in rs] + [1]) or 1.0
 
 
 def draw_curves(rows, chance=None, columns=3):
-    """A run's learning curves from its metrics.jsonl rows (a list of dicts), as one RGB PIL image.
-
-    One panel per numeric key (PANELS says titles and units; unknown keys get their own name;
-    BOOKKEEPING keys are left out), on a common x axis in epochs: a progress row (no "summary")
-    sits at step / steps_per_epoch (see steps_per_epoch), an epoch summary at its epoch. Progress
-    rows are a thin line, summaries dots joined by a thick line. NaN and missing values are
-    skipped. chance: optional key → value in the panel's unit, drawn as a dashed grey line.
-    """
-    if not rows:
-        return message("no rows yet")
-    chance = chance or {}
-    summaries = [r for r in rows if r.get("summary") and finite(r.get("epoch"))]
-    progress = [r for r in rows if not r.get("summary") and finite(r.get("step"))
-                and finite(r.get("epoch"))]
-    spe = steps_per_epoch(progress, summaries)
-    keys = list(dict.fromkeys(k for r in progress + summaries for k, v in r.items()
-                              if k not in BOOKKEEPING and finite(v)))
-    keys.sort(key=lambda k: list(PANELS).index(k) if k in PANELS else UNKNOWN_RANK)
-    lines = {k: (series(progress, k, lambda r: r["step"] / spe),
-                 series(summaries, k, lambda r: r["epoch"])) for k in keys}
-    if not lines:
-        return message(f"{len(rows)} rows, no numbers to draw yet")
-    xmax = max([1.0] + [x for thin, thick in lines.values() for x, _ in thin + thick])
-    font, small = fonts()
-    guessed = not {r["epoch"] for r in summaries} & {r["epoch"] for r in progress}
-    caption = "  ".join([f"Learning curves: {len(rows)} rows, {len(summaries)} epoch summaries."]
-                        + [f"Thin line: progress rows at step / {fmt(spe)} steps per epoch"
-                           + (" (a guess until an epoch ends)." if guessed else ".")]
-                        * bool(progress)
-                        + ["Dots: epoch summaries."] * bool(summaries))
-    n_rows = math.ceil(len(lines) / columns)
-    width = max(min(columns, len(lines)) * PANEL_W, font.getbbox(caption)[2]) + 2 * GAP
-    canvas = Image.new("RGB", (width, GAP + LINE + n_rows * (PANEL_H + GAP) + GAP), "white")
-    ImageDraw.Draw(canvas).text((GAP, GAP), caption, fill="black", font=font)
+    """metrics.jsonl rows (list of dicts) -> RGB image: a panel per numeric key over epochs, a
+    summary at its epoch, a progress row at step / steps_per_epoch; NaN or missing: skipped.
+    chance: key -> value in the rows' unit. "acc" is a fraction, drawn x 100; the rest as is."""
+    summ = [r for r in rows if r.get("summary") and finite(r.get("epoch"))]
+    prog = [r for r in rows if not r.get("summary") and finite(r.get("epoch"))
+            and finite(r.get("step"))]
+    spe = steps_per_epoch(prog, summ)
+    keys = dict.fromkeys(k for r in prog + summ for k, v in r.items() if k not in SKIP
+                         and finite(v))
+    unit = {k: 100 if k == "acc" else 1 for k in keys}
+    lines = {k: [sorted((x(r), r[k] * unit[k]) for r in rs if finite(r.get(k)))
+                 for rs, x in ((prog, lambda r: r["step"] / spe), (summ, lambda r: r["epoch"]))]
+             for k in keys}
+    xmax = max((x for thin, thick in lines.values() for x, _ in thin + thick), default=1) or 1
+    caption = (f"x: epochs, progress rows at step / {spe:g}.  Thin line: progress rows, dots: "
+               "epoch summaries, grey: chance" if keys else f"{len(rows)} rows, nothing to draw")
+    img = Image.new("RGB", (max(min(columns, len(keys)) * PW, round(FONT.getlength(caption)))
+                            + 2 * PAD, 28 + math.ceil(len(keys) / columns) * PH), "white")
+    d = ImageDraw.Draw(img)
+    d.text((PAD, PAD), caption, "black", FONT)
     for i, (k, (thin, thick)) in enumerate(lines.items()):
-        x0, y0 = GAP + i % columns * PANEL_W, GAP + LINE + i // columns * (PANEL_H + GAP)
-        plot_panel(canvas, x0, y0, k, thin, thick, chance.get(k), xmax, "epoch", (font, small))
-    return canvas
+        x0, y0 = PAD + i % columns * PW, 28 + i // columns * PH
+        px0, py0, px1, py1 = x0 + 48, y0 + 18, x0 + PW - 12, y0 + PH - 22
+        c = None if (chance or {}).get(k) is None else chance[k] * unit[k]
+        ys = [y for _, y in thin + thick] + [c] * (c is not None)
+        lo, hi = min(ys), max(ys)
+        a, b = (lo, hi) if hi > lo else (lo - 1, hi + 1)  # a flat line sits mid-panel
+
+        def at(x, y):  # data -> px, 4 px inside the frame
+            return px0 + x / xmax * (px1 - px0), py1 - 4 - (y - a) / (b - a) * (py1 - py0 - 8)
+        d.text((x0 + 4, y0 + 2), "acc (%)" if k == "acc" else k, "black", SMALL)
+        d.rectangle([px0, py0, px1, py1], outline="grey")
+        for v in (lo, hi):
+            d.text((px0 - 4, at(0, v)[1]), f"{v:.3g}", "black", SMALL, anchor="rm")
+        d.text(((px0 + px1) / 2, py1 + 4), f"epoch 0 to {xmax:g}", "black", SMALL, anchor="mt")
+        if c is not None:
+            d.line([px0, at(0, c)[1], px1, at(0, c)[1]], fill="grey")
+            d.text((px1 - 3, at(0, c)[1] - 2), "chance", "grey", SMALL, anchor="rd")
+        for pts, colour, width, r in ((thin, THIN, 1, 2 * (len(thin) == 1)), (thick, THICK, 2, 3)):
+            pts = [at(*p) for p in pts]
+            d.line(pts, fill=colour, width=width)  # PIL draws no line through a single point
+            for x, y in pts:  # dots: summaries and a lone progress row
+                d.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+    return img
 
 
 # ============================================================================================
@@ -2667,7 +2545,8 @@ class Logger:
         ips = self.imgs_since / max(now - self.t_last, 1e-9)
         per_step = (now - self.clock[0]) / max(done - self.clock[1], 1)
         left = (self.total_steps - done) * per_step
-        self.write({"epoch": epoch + 1, "step": done, "loss": loss_mean, self.acc_key: 100 * acc_mean,
+        self.write({"epoch": epoch + 1, "step": done, "loss": loss_mean,
+                    self.acc_key: 100 * acc_mean,
                     "lr": lr, **extra, "images_per_sec": ips},
                    f"epoch {epoch + 1}/{self.epochs}  step {step}/{self.steps_per_epoch}  loss {loss_mean:.4f}  "
                    f"{self.acc_name} {100 * acc_mean:.2f}%  lr {lr:.2e}  "
@@ -2675,7 +2554,8 @@ class Logger:
                    + f"{ips:.0f} img/s  left {fmt_time(left)}")
         if not self.timed and done - self.clock[1] >= 5:
             self.timed = True
-            self.header(f"timed {done - self.clock[1]} steps after the first: {per_step:.2f} s/step, so "
+            self.header(f"timed {done - self.clock[1]} steps after the "
+                        f"first: {per_step:.2f} s/step, so "
                         f"the {self.total_steps - self.first_step} steps left take about "
                         f"{fmt_time(per_step * (self.total_steps - self.first_step))} (plus evaluation)")
         self.sums.zero_()
@@ -2693,8 +2573,10 @@ class Logger:
         loss_mean, acc_mean = self.mean(self.epoch_sums, across=True)
         self.epoch_sums.zero_()
         elapsed = self.elapsed()
-        extra = "".join(f"  {k} {v:.2f}{'' if k.endswith('distance') else '%'}" for k, v in results.items())
-        self.write({"epoch": epochs_done, "summary": True, "loss": loss_mean, self.acc_key: 100 * acc_mean,
+        extra = "".join(f"  {k} {v:.2f}{'' if k.endswith('distance') else '%'}"
+                        for k, v in results.items())
+        self.write({"epoch": epochs_done, "summary": True, "loss": loss_mean,
+                    self.acc_key: 100 * acc_mean,
                     **results,
                     "skipped_images": left_out, "elapsed_s": elapsed},
                    f"== epoch {epochs_done}/{self.epochs} done  loss {loss_mean:.4f}  {self.acc_name} "
