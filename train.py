@@ -201,7 +201,9 @@ MODE_ONLY = [({"mask_ratio", "sigma", "no_sigma_decay", "no_attentive", "tau", "
              ({"pos_mask_ratio"}, {"pretrain", "benchmark", "location_probe"}),
              ({"knn_k", "knn_t"}, {"pretrain", "evaluate"}),
              ({"layer_decay", "drop_path", "smoothing", "mixup", "cutmix"}, {"finetune"}),
-             ({"bench_steps", "bench_warmup"}, {"benchmark"})]
+             ({"bench_steps", "bench_warmup"}, {"benchmark"}),
+             ({"epochs", "blr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "compile",
+               "log_every"}, set(MODES) - {"evaluate"} | {"pretrain"})]  # what training is
 ENCODER_SHAPE = ("img_size", "patch_size", "dim", "depth", "heads", "pos_embed")
 INF = math.inf
 LIMITS = {  # flag: (low, high, low allowed, high allowed); NaN fails every comparison, so it is refused too
@@ -1325,7 +1327,8 @@ class RunFolder:
         """Resuming a finished run: check what it left behind, rewrite what is missing or unreadable."""
         rewritten = self.task.write_outputs(self.folder, only_broken=True)
         self.open_log(0)  # cuts metrics.jsonl back to the rows the final checkpoint had seen
-        self.say(f"the run in {self.folder} is complete ({self.args.epochs} epochs)"
+        n = self.args.epochs
+        self.say(f"the run in {self.folder} is complete ({n} epoch{'s' * (n > 1)})"
                  + (f"; rewrote {', '.join(rewritten)}" if rewritten else "; its files are intact"))
         return self.task.model
 
