@@ -1102,6 +1102,9 @@ BAD_FLAGS = [
     (["--finetune", "scratch", "--mask-ratio", "0.5"], "--mask-ratio does not apply with --finetune"),
     (["--finetune", "scratch", "--knn-every", "1"], "--knn-every does not apply with --finetune"),
     (["--benchmark", "--finetune", "scratch"], "--finetune does not apply with --benchmark"),
+    (["--evaluate", "x.pt", "--epochs", "3"], "--epochs does not apply with --evaluate"),
+    (["--linear-probe", "random", "--pos-mask-ratio", "0.5"], "--pos-mask-ratio does not apply with --linear-probe"),
+    (["--location-probe", "random", "--linear-probe", "random"], "does not apply with --location-probe"),
 ]
 
 
@@ -1502,13 +1505,18 @@ def test_mae_pixel_decoder_is_ignored_not_mapped_to_position_head(tmp_path):
                                     "decoder_pos_embed", "decoder_pred", "mask_token"]
 
 
-def test_finetuned_classifier_without_norm_says_norm_missing(tmp_path):
+def test_a_global_pool_classifier_without_the_encoders_norm_lends_it_its_fc_norm(tmp_path):
     enc = {k: v for k, v in official(tiny_state()).items() if k.split(".")[0] in
            ("cls_token", "pos_embed", "patch_embed", "blocks")}
-    got = load_as_file({"model": {**enc, "fc_norm.weight": torch.ones(32), "head.bias": torch.zeros(5)},
-                "args": argparse.Namespace(model="vit_base_patch16"), "epoch": 0}, tmp_path)
-    assert got.extra["missing"] == ["norm"] and got.extra["ignored"] == ["fc_norm", "head"]
+    fc_norm = {"fc_norm.weight": torch.rand(32), "fc_norm.bias": torch.rand(32)}
+    got = load_as_file({"model": {**enc, **fc_norm, "head.bias": torch.zeros(5)},
+                        "args": argparse.Namespace(model="vit_base_patch16"), "epoch": 0}, tmp_path)
+    assert got.extra["missing"] == [] and got.extra["ignored"] == ["head"]
+    assert torch.equal(got.model["encoder.norm.weight"], fc_norm["fc_norm.weight"])
     assert "decoder_dim" not in got.arch and got.arch["heads"] == 12
+    del got.model["encoder.norm.bias"]  # without either norm: reported missing
+    nothing = load_as_file({"model": enc, "args": argparse.Namespace(model="vit_base_patch16")}, tmp_path)
+    assert nothing.extra["missing"] == ["norm"]
 
 
 def test_timm_state_dict_with_head_loads_encoder(tmp_path):
@@ -1595,10 +1603,11 @@ def _foreign_layouts(ck_path, tmp_path):
 
 
 HEADS = ["--heads", "2"]  # what the tensors of a file without flags or arch name cannot tell
+EVAL_TINY = ENCODER_TINY[:-2]  # --log-every is training's
 
 
 def _evaluation(argv, out):
-    stdout = _train_in_process(ENCODER_TINY + argv + ["--output-dir", out])
+    stdout = _train_in_process(EVAL_TINY + argv + ["--output-dir", out])
     line = json.loads(stdout.strip().splitlines()[-1])
     assert json.loads((out / "evaluation.json").read_text()) == line
     return {k: v for k, v in line.items() if k not in ("checkpoint", "source")}
@@ -1642,7 +1651,7 @@ def test_a_file_of_another_kind_and_a_contradicted_heads_are_one_line(pretrained
     line = _fails(ENCODER_TINY + ["--finetune", tmp_path / "other.pt"] + out, capsys)
     assert "['weights', 'step']" in line and "corrupt" not in line
     assert "--heads 3 differs from the encoder" in _fails(
-        ENCODER_TINY + ["--evaluate", ref_dir / "checkpoint.pt", "--heads", "3"] + out, capsys)
+        EVAL_TINY + ["--evaluate", ref_dir / "checkpoint.pt", "--heads", "3"] + out, capsys)
     assert "pass --heads" in _fails(ENCODER_TINY + ["--location-probe", ref_dir / "encoder.pt"] + out, capsys)
 
 

@@ -914,6 +914,11 @@ def _rename(state):
             model[f"{_DECODER[top]}.{rest}"] = t
         else:  # pixel decoder, mask_token, classifier head, fc_norm, ...
             ignored.add(top)
+    if "encoder.norm.weight" not in model and "fc_norm.weight" in state:
+        # MAE's global-pool classifiers drop the encoder's final norm for one after pooling
+        # (fc_norm); as the encoder's norm it normalises every token instead of their mean.
+        model.update({f"encoder.norm.{k}": state[f"fc_norm.{k}"] for k in ("weight", "bias")})
+        ignored.discard("fc_norm")
     return model, sorted(ignored)
 
 
