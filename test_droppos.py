@@ -2281,6 +2281,12 @@ def test_a_failed_download_leaves_nothing_behind(existed, tmp_path, monkeypatch,
     assert sorted(p.name for p in data.iterdir()) == ["mine.txt"] if existed else not data.exists()
 
 
+def test_a_new_run_that_fails_before_writing_anything_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "new" / "run"
+    assert "fewer than one batch" in _fails(SYNTH + ["--batch-size", 1000, "--output-dir", out], capsys)
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_new_run_clears_a_write_that_a_killed_run_left_unfinished(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

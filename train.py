@@ -567,9 +567,10 @@ class Pretraining(Task):
             written.append(enc.name)
         png = folder / "reassembly.png"
         if self.vis_imgs is not None and not (only_broken and readable_png(png)):
-            if self.beliefs is None:  # a finished run resumed to mend its picture
-                self.evaluate(due=False)
-            save_reassembly(self.model, self.vis_imgs, png, self.proc, self.beliefs.get("test_pos"))
+            if self.beliefs is None and self.proc.world == 1:  # a finished run mending its picture
+                self.evaluate(due=False)  # (under torchrun that would need every process)
+            beliefs = (self.beliefs or {}).get("test_pos")
+            save_reassembly(self.model, self.vis_imgs, png, self.proc, beliefs)
             written.append(png.name)
         return written
 
@@ -1171,6 +1172,8 @@ class FolderLock:
         if f.exists() and not f.is_dir():
             raise UserError(f"--output-dir {str(f)!r} is a file, not a folder")
         try:
+            # the folders this creates: a run that fails before writing anything leaves none
+            self.made = [p for p in [f, *f.parents] if not p.exists()]
             f.mkdir(parents=True, exist_ok=True)
             created = not (f / ".lock").exists()
             self.fd = os.open(f / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -1197,8 +1200,8 @@ class FolderLock:
             # read-only or full: say so before training
             atomic_write(probe, lambda fh: fh.write(b"ok"))
             probe.unlink()
-        except BaseException:
-            self.__exit__()
+        except BaseException as e:
+            self.__exit__(e)
             raise
         return self
 
@@ -1222,10 +1225,15 @@ class FolderLock:
                 (f / ".lock").unlink()
             raise UserError(why)
 
-    def __exit__(self, *_):
-        if self.fd is not None:
-            os.close(self.fd)  # closing drops the lock
-            self.fd = None
+    def __exit__(self, failed=None, *_):
+        if self.fd is None:
+            return
+        if failed and not self.args.resume and [p.name for p in self.folder.iterdir()] == [".lock"]:
+            (self.folder / ".lock").unlink()  # a new run that wrote nothing leaves nothing behind
+            for p in self.made:
+                p.rmdir()
+        os.close(self.fd)  # closing drops the lock
+        self.fd = None
 
 
 def live_owner(folder):
