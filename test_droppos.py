@@ -1644,6 +1644,17 @@ def test_finetune_from_every_layout_gives_identical_runs(pretrained_run, tmp_pat
     assert all(r == rows["checkpoint.pt"] for r in rows.values())
 
 
+def test_evaluate_reads_the_head_counts_of_an_official_arch_name_and_needs_no_training_batch(tmp_path):
+    # ViT-Small/8 on 16-px images: 6 heads and a 16-head decoder, told by the name alone.
+    torch.manual_seed(0)
+    model = droppos.DropPos(16, 8, dim=384, depth=1, heads=6, decoder_dim=64, decoder_depth=1, decoder_heads=16)
+    torch.save({"epoch": 1, "state_dict": official(model.state_dict(), "module."),
+                "model": "DropPos_mae_vit_small_patch8_dec64d1b"}, tmp_path / "official.pth")
+    line = _evaluation(["--evaluate", tmp_path / "official.pth", "--img-size", 16, "--synthetic-size", 20,
+                        "--batch-size", 64], tmp_path / "ev")
+    assert line["epoch"] == 1 and line["test_pos_top1_chance"] == 100 / 4
+
+
 def test_a_file_of_another_kind_and_a_contradicted_heads_are_one_line(pretrained_run, tmp_path, capsys):
     ref_dir, _ = pretrained_run
     torch.save({"weights": torch.zeros(3), "step": 7}, tmp_path / "other.pt")

@@ -1476,19 +1476,21 @@ class StopRequest:
 # ============================================================================================
 
 class Data:
-    """The training stream, the held-out images (None where there are none), the class count."""
+    """The training stream (None for --evaluate, which trains nothing), the held-out images (None
+    where there are none), the class count."""
 
     def __init__(self, args, proc):
         self.train, self.held_out, self.num_classes = load_datasets(args)
-        if len(self.train) < args.batch_size * proc.world:
+        training = mode_of(args) != "evaluate"
+        if training and len(self.train) < args.batch_size * proc.world:
             raise UserError(f"the training set has {len(self.train)} images, fewer than one batch "
                             f"({args.batch_size} × {proc.world} processes); lower --batch-size")
         self.args = args
         self.per_class = self.class_counts()
         if proc.rank == 0:
             self.warn_about_classes()
-        self.stream = TrainStream(self.train, args, proc.rank, proc.world, mode_of(args),
-                                  proc.device)
+        self.stream = (TrainStream(self.train, args, proc.rank, proc.world, mode_of(args), proc.device)
+                       if training else None)
 
     def class_counts(self):
         """Training images per class, for every class the run has (0 for a class with none)."""
