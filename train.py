@@ -596,7 +596,7 @@ class Finetuning(Task):
         return {"test_top1": 100 / self.data.num_classes, "best_top1": 100 / self.data.num_classes}
 
     def step(self, net, imgs, labels, progress):  # -> loss, training top-1
-        return classification_step(net, imgs, labels, self.mix, self.args.smoothing, self.data.num_classes)
+        return classification_step(net, imgs, labels, self.mix, self.args.smoothing)
 
     def evaluate(self, due):  # every epoch: the classifier lives in checkpoint.pt, its top-1 here
         top1 = evaluate_classifier(self.model, self.data, self.args, self.proc)
@@ -787,17 +787,13 @@ def batch_mixer(args, num_classes):
     return v2.RandomChoice(mixers) if mixers else None
 
 
-def classification_step(net, imgs, labels, mix, smoothing, num_classes):
-    """Soft-target cross-entropy on (optionally) mixed images with label smoothing.  -> loss, top-1."""
-    if mix is not None:
-        imgs, target = mix(imgs, labels)
-    else:
-        target = F.one_hot(labels, num_classes).float()
-    target = target * (1 - smoothing) + smoothing / num_classes
+def classification_step(net, imgs, labels, mix, smoothing):
+    """Cross-entropy with label smoothing on (optionally MixUp/CutMix-mixed) images; mixed
+    targets are probabilities, which F.cross_entropy smooths alike.  -> loss, top-1."""
+    imgs, target = mix(imgs, labels) if mix is not None else (imgs, labels)
     logits = net(imgs)
-    loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-    acc = (logits.argmax(-1) == labels).float().mean()
-    return loss, acc
+    loss = F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
+    return loss, (logits.argmax(-1) == labels).float().mean()
 
 
 # ============================================================================================
