@@ -417,64 +417,48 @@ def main(argv=None):
 
 
 def train(args):
+    """The loop, for every mode that trains: per step lr -> forward -> backward -> update -> log,
+    per epoch evaluate -> summary and curves -> checkpoint. What differs between pre-training,
+    fine-tuning and the probes is the task's; what keeps a run safe is behind `run` and `stop`."""
     proc = start_processes(args)
     data = Data(args, proc)
     task = TASKS[mode_of(args)](args, data, proc)
     optimizer = make_optimizer(task.groups, task.betas, proc.device)
-    run = RunFolder(args, proc, task, optimizer, data)
+    run = RunFolder(args, proc, task, optimizer, data)  # on --resume: weights, optimiser, RNG, step
     if run.epoch == args.epochs:
         return run.finish_complete_run()
-    net = task.model
-    if args.compile:
-        net = torch.compile(net)
-    if proc.world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[proc.local] if proc.device.type == "cuda" else None)
-    steps = data.stream.steps
-    total_steps, warmup_steps = steps * args.epochs, int(args.warmup_epochs * steps)
+    net = wrap_model(task.model, args, proc)  # torch.compile, DistributedDataParallel
+    steps = data.stream.steps  # per epoch
+    total, warmup = steps * args.epochs, int(args.warmup_epochs * steps)
     base_lr = args.blr * args.batch_size * proc.world / 256
-    log = run.open_log(total_steps)
+    log = run.open_log(total)
     say_warnings()
     log.header(f"{task.name}{task.source} on {args.dataset}: {data.describe()}; {proc.world} "
                f"process(es) on {proc.device}, {proc.precision} ({proc.precision_why}); "
-               f"{task.n_params() / 1e6:.2f}M parameters, lr "
-               f"{base_lr:.2e}, {steps} steps per epoch, "
-               f"{args.epochs} epoch{'s' * (args.epochs > 1)}, folder {run.folder}")
-
-    epoch, step, stopped = run.epoch, run.step, None
+               f"{task.n_params() / 1e6:.2f}M parameters, lr {base_lr:.2e}, {steps} steps per "
+               f"epoch, {args.epochs} epoch{'s' * (args.epochs > 1)}, folder {run.folder}")
     with StopRequest() as stop:
-        while epoch < args.epochs and not stopped:
+        for epoch in range(run.epoch, args.epochs):  # epochs and steps count from 0 here
             task.model.train()
-            for step, (imgs, labels) in data.stream.epoch(epoch, start_step=step):
-                global_step = epoch * steps + step
-                lr = lr_at(global_step, total_steps, warmup_steps, base_lr, args.min_lr)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr * g["lr_scale"]
-                progress = global_step / total_steps
+            first = run.step if epoch == run.epoch else 0  # a resumed epoch goes on where it stopped
+            for step, (imgs, labels) in data.stream.epoch(epoch, start_step=first):
+                done = epoch * steps + step  # optimiser steps before this one
+                lr = lr_at(done, total, warmup, base_lr, args.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group["lr_scale"]  # layer-wise decay when fine-tuning
                 with autocast(proc):
-                    loss, acc = task.step(net, imgs, labels, progress)
+                    loss, acc = task.step(net, imgs, labels, done / total)
                 optimizer_step(task.model, optimizer, loss, args.clip_grad, task.clip_each)
-                log.step(epoch, step + 1, loss, acc, len(imgs), lr, task.log_fields(progress))
-                stopped = stop.agreed(loss, proc)
+                log.step(epoch, step + 1, loss, acc, len(imgs), lr, task.log_fields(done / total))
+                stopped = stop.agreed(loss, proc)  # the same answer on every process
                 if stopped:
-                    step += 1
-                    break
-            else:  # the epoch ran to its end: evaluate, summarise, save
-                epoch, step = epoch + 1, 0
-                results = task.evaluate(epoch == args.epochs or epoch % max(args.knn_every, 1) == 0)
-                log.epoch_summary(epoch, results, data.stream.left_out(proc))
-                log.draw_curves(task.chance())
-                run.save(epoch, 0)
-                task.write_outputs(run.folder)
-
-    if stopped == "interrupted":
-        run.save(epoch, step)
-        run.say(f"\ninterrupted: saved {run.checkpoint} in epoch {epoch + 1} after step {step}; continue with: "
-                f"python train.py --resume {run.folder}", err=True)
-        raise SystemExit(128 + (stop.signalled or signal.SIGINT))
-    if stopped == "non-finite":
-        raise UserError(f"the loss became non-finite in epoch {epoch + 1} at step {step}; stopped without "
-                        f"saving ({run.last_good()}). Lower --blr"
-                        + (", or try --precision fp32" if proc.precision == "bf16" else ""))
+                    run.stop(stopped, epoch, step + 1, stop.signalled)  # saves or explains; exits
+            last = epoch + 1 == args.epochs
+            results = task.evaluate(last or (epoch + 1) % max(args.knn_every, 1) == 0)
+            log.epoch_summary(epoch + 1, results, data.stream.left_out(proc))
+            log.draw_curves(task.chance())
+            run.save(epoch + 1, 0)
+            task.write_outputs(run.folder)
     run.say(f"run complete: {run.folder}")
     return task.model
 
@@ -1328,6 +1312,18 @@ class RunFolder:
         if agree(failed is not None, self.proc):  # every process stops when the write failed
             raise failed or UserError(f"rank 0 could not write {str(self.checkpoint)!r}")
 
+    def stop(self, why, epoch, step, signum):
+        """The run stopped after `step` steps of `epoch` (from 0). Ctrl-C or SIGTERM: save, then
+        die of that signal; a non-finite loss: stop without saving, naming the last good checkpoint."""
+        if why == "interrupted":
+            self.save(epoch, step)
+            self.say(f"\ninterrupted: saved {self.checkpoint} in epoch {epoch + 1} after step {step}; "
+                     f"continue with: python train.py --resume {self.folder}", err=True)
+            raise SystemExit(128 + (signum or signal.SIGINT))
+        raise UserError(f"the loss became non-finite in epoch {epoch + 1} at step {step}; stopped "
+                        f"without saving ({self.last_good()}). Lower --blr"
+                        + (", or try --precision fp32" if self.proc.precision == "bf16" else ""))
+
     def last_good(self):
         return (f"the last good checkpoint is {self.checkpoint}" if self.checkpoint.exists()
                 else "no checkpoint was written yet")
@@ -1407,6 +1403,16 @@ def cpu_flags():
                          for line in f if line.startswith("flags")), set())
     except OSError:
         return set()
+
+
+def wrap_model(model, args, proc):
+    """The module the loop calls: compiled on request, under DistributedDataParallel with torchrun."""
+    if args.compile:
+        model = torch.compile(model)
+    if proc.world > 1:
+        ids = [proc.local] if proc.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return model
 
 
 def autocast(proc):
@@ -2698,7 +2704,7 @@ def benchmark(args):
     model = build_droppos(cfg).to(device)
     groups = param_groups(model, args.weight_decay, no_decay=no_decay_rule(args.recipe, "pretrain"))
     optimizer = make_optimizer(groups, (0.9, 0.95), device)
-    net = torch.compile(model) if args.compile else model
+    net = wrap_model(model, args, proc)
     imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
 
     def step(x):
