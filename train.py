@@ -1003,7 +1003,7 @@ def arch_facts(name):
     return facts
 
 @functools.lru_cache(maxsize=2)
-def _imported(path, stamp):
+def _imported(path, stamp):  # stamp: the mtime, so a file written anew is read anew
     return import_state(load_checkpoint(path), path)
 
 
