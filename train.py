@@ -527,9 +527,7 @@ class Pretraining(Task):
         cell, distance); k-NN top-1 every --knn-every epochs and at the end."""
         if self.data.held_out is None:
             return {}
-        results, self.beliefs = held_out_positions(lambda imgs:
-                                                   {"test_pos": decode_positions(self.model, imgs)},
-                                                   self.data, self.args, self.proc, self.model.grid)
+        results, self.beliefs = head_positions(self.model, self.data, self.args, self.proc)
         if due and self.args.knn_every:
             results["knn_top1"] = run_knn(self.model.encoder, self.data, self.args, self.proc)
         return results
@@ -2152,11 +2150,13 @@ def evaluate_classifier(model, data, args, proc):
     return 100.0 * (counts[0] / counts[1].clamp(min=1)).item()
 
 
-def decode_positions(model, imgs):
-    """The DropPos position head on imgs, without the loss or its attentive pass.
-    -> logits (B, n, N), true cells (B, n), dropped (B, n): what is scored."""
-    tokens, ids_keep, dropped = model.embed_visible(imgs)
-    return model.decoder(model.encoder.encode(tokens)), ids_keep, dropped
+def head_positions(model, data, args, proc):
+    """The DropPos position head on the held-out images, without the loss or its attentive pass:
+    the scores of the patches whose position was dropped (test_pos_*) and what the picture draws."""
+    def predict(imgs):
+        tokens, ids_keep, dropped = model.embed_visible(imgs)
+        return {"test_pos": (model.decoder(model.encoder.encode(tokens)), ids_keep, dropped)}
+    return held_out_positions(predict, data, args, proc, model.grid)
 
 
 def probe_positions(probe, data, args, proc):
@@ -2222,9 +2222,7 @@ def evaluate(args):
     if "decoder.head.weight" in imp.model:
         model = build_droppos(model_config(args)).to(proc.device).eval()
         load_state(model, imp.model, f"the model in {path!r}")
-        scores, beliefs = held_out_positions(lambda imgs:
-                                             {"test_pos": decode_positions(model, imgs)},
-                                             data, args, proc, model.grid)
+        scores, beliefs = head_positions(model, data, args, proc)
         results.update(scores, **{f"{k}_chance": v for k, v in chance_of_grid(model.grid,
                                                                               "test_pos").items()},
                        mask_ratio=args.mask_ratio, pos_mask_ratio=args.pos_mask_ratio)
