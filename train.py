@@ -817,10 +817,7 @@ def checkpoint_path(resume):
                         f"is still in its first epoch "
                         f"({owner}) and writes one when the epoch ends")
     if (path / "metrics.jsonl").exists() or (path / ".checkpoint.pt.tmp").exists():
-        raise UserError(f"{str(path)!r} holds no checkpoint: its run stopped before it wrote the "
-                        f"first one (at the end of epoch 1), so there is nothing to "
-                        f"resume; delete the folder and "
-                        f"start the run again")
+        raise UserError(stopped_before_a_checkpoint(path))
     raise UserError(f"{str(path)!r} holds no run (no checkpoint.pt)")
 
 
@@ -1187,10 +1184,7 @@ class FolderLock:
         f = self.folder
         why = None
         if (f / "metrics.jsonl").exists() and not (f / "checkpoint.pt").exists():
-            why = (f"{str(f)!r} holds the log of a run that stopped before its first checkpoint, "
-                   f"so there is nothing to resume; delete the folder to start "
-                   f"over there, or choose another "
-                   f"--output-dir")
+            why = stopped_before_a_checkpoint(f)
         elif (f / "evaluation.json").exists():
             why = (f"{str(f)!r} already holds an evaluation; evaluate into another --output-dir, or "
                    f"delete the folder first")
@@ -1212,6 +1206,13 @@ class FolderLock:
                 p.rmdir()
         os.close(self.fd)  # closing drops the lock
         self.fd = None
+
+
+def stopped_before_a_checkpoint(folder):
+    """What a folder whose run died before its first checkpoint holds (no live run is there)."""
+    return (f"{str(folder)!r} holds no checkpoint: its run stopped before it wrote the first one "
+            f"(at the end of epoch 1), so there is nothing to resume; delete the folder to start "
+            f"over there, or choose another --output-dir")
 
 
 def live_owner(folder):
