@@ -5,12 +5,16 @@
     python train.py --resume runs/cifar10-pretrain           # continue a run exactly where it stopped
     python train.py --finetune runs/cifar10-pretrain/checkpoint.pt   # fine-tune what it learned
     python train.py --finetune scratch                       # ... the same from random weights
+    python train.py --evaluate runs/cifar10-pretrain/checkpoint.pt        # score it, draw it
+    python train.py --location-probe runs/cifar10-pretrain/checkpoint.pt  # how location-aware?
+    python train.py --linear-probe runs/cifar10-pretrain/checkpoint.pt    # MAE's linear probe
     python train.py --benchmark                              # images/s, memory, utilisation
     torchrun --nproc_per_node=2 train.py --dataset cifar10   # several processes or GPUs
 
-The file reads top to bottom: the command line, the training loop, then what the loop uses
-(pre-training and fine-tuning, the run folder and exact resume, processes, data, optimisation,
-evaluation, logging), and the benchmark.
+Checkpoints may come from train.py, the official DropPos code, MAE or timm. The file reads top to
+bottom: the command line, the training loop, then what the loop uses (the tasks: pre-training,
+fine-tuning, the probes; checkpoints from anywhere; the run folder and exact resume; processes;
+data; optimisation; evaluation and pictures; logging), and the benchmark.
 """
 
 import argparse
