@@ -468,7 +468,7 @@ def train(args):
 
 
 # ============================================================================================
-# 3. Pre-training and fine-tuning: what differs between them, chosen once
+# 3. The tasks: pre-training, fine-tuning and the probes; what differs between them, chosen once
 # ============================================================================================
 
 class Task:
@@ -783,7 +783,7 @@ def classification_step(net, imgs, labels, mix, smoothing):
 
 
 # ============================================================================================
-# 4. The run folder: its identity, whole files, checkpoints and exact resume
+# 4. Checkpoints from anywhere; the run folder: its identity, whole files, exact resume
 # ============================================================================================
 
 def resumed_args(args, given):
@@ -2071,7 +2071,7 @@ def layer_id(name, depth):
 
 
 # ============================================================================================
-# 8. Evaluation: k-NN monitor, classification top-1, the reassembly picture
+# 8. Evaluation: k-NN, classification top-1, position scores, --evaluate, the pictures
 # ============================================================================================
 
 def held_out_batches(data, args, proc, batch_size):
