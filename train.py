@@ -477,13 +477,12 @@ class Task:
 
     def __init__(self, args, data, proc):
         self.args, self.data, self.proc = args, data, proc
+        self.source = source_line(args)  # where the weights come from, for the start-up line
         self.clip_each = per_parameter_clip(args.recipe, self.mode)
         torch.manual_seed(args.seed)  # the same initial weights on every process
 
     def n_params(self):
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-
-    source = ""  # where the weights come from, for the start-up line
 
     def chance(self):  # metrics.jsonl key -> its chance value, for curves.png
         return {}
@@ -576,10 +575,10 @@ class Finetuning(Task):
                                    lambda n: args.layer_decay ** (depth + 1 - layer_id(n, depth)),
                                    no_decay=no_decay_rule(args.recipe, self.mode))
         self.mix = batch_mixer(args, data.num_classes)
-        self.best, self.source = 0.0, source_line(args)
+        self.best = 0.0
 
     def chance(self):
-        return {"test_top1": 100 / self.data.num_classes, "best_top1": 100 / self.data.num_classes}
+        return {"test_top1": 100 / self.data.num_classes}
 
     def step(self, net, imgs, labels, progress):  # -> loss, training top-1
         return classification_step(net, imgs, labels, self.mix, self.args.smoothing)
@@ -661,7 +660,6 @@ class Probing(Task):
 
     def __init__(self, args, data, proc):
         super().__init__(args, data, proc)
-        self.source = source_line(args)
         encoder = build_encoder(args)
         self.model = self.probe(encoder, args, data).to(proc.device)
         self.groups = param_groups(self.model, args.weight_decay)
@@ -2170,7 +2168,7 @@ def probe_positions(probe, data, args, proc):
         head, control, dropped = probe(imgs)
         truth = torch.arange(head.shape[1], device=imgs.device).expand(len(imgs), -1)
         return {"probe": (head, truth, dropped), "control": (control, truth, ~dropped)}
-    return held_out_positions(predict, data, args, proc, probe.encoder.grid)[0]
+    return held_out_positions(predict, data, args, proc, probe.encoder.grid, keep=0)[0]
 
 
 @torch.no_grad()
@@ -2203,7 +2201,7 @@ def held_out_positions(predict, data, args, proc, grid, keep=20_000):
         top1, within1, distance = (s[:3] / s[3].clamp(min=1)).tolist()
         results.update({f"{name}_top1": 100 * top1, f"{name}_within1": 100 * within1,
                         f"{name}_distance": distance})
-    return results, {k: (torch.cat(p)[:keep], torch.cat(t)[:keep]) for k, (p, t) in kept.items()}
+    return results, {k: (torch.cat(p)[:keep], torch.cat(t)[:keep]) for k, (p, t) in kept.items() if p}
 
 
 def chance_of_grid(grid, name):
