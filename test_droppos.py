@@ -1655,6 +1655,16 @@ def test_evaluate_reads_the_head_counts_of_an_official_arch_name_and_needs_no_tr
     assert line["epoch"] == 1 and line["test_pos_top1_chance"] == 100 / 4
 
 
+@slow
+def test_evaluate_of_a_fine_tuning_checkpoint_gives_its_test_top1(pretrained_run, tmp_path):
+    ft = tmp_path / "ft"
+    _train_in_process(ENCODER_TINY + ["--finetune", pretrained_run[0] / "checkpoint.pt", "--epochs", 1,
+                                      "--output-dir", ft])
+    last = [r for r in _metrics(ft / "metrics.jsonl") if r.get("summary")][-1]
+    line = _evaluation(["--evaluate", ft / "checkpoint.pt"], tmp_path / "ev")
+    assert line["test_top1"] == last["test_top1"] and "test_pos_top1" not in line and "knn_top1" in line
+
+
 def test_a_file_of_another_kind_and_a_contradicted_heads_are_one_line(pretrained_run, tmp_path, capsys):
     ref_dir, _ = pretrained_run
     torch.save({"weights": torch.zeros(3), "step": 7}, tmp_path / "other.pt")

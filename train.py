@@ -2222,26 +2222,29 @@ def evaluate(args):
     path, folder = args.evaluate, Path(args.output_dir)
     imp = imported(path)
     results = {"checkpoint": path, "source": imp.source, "epoch": imp.epoch}
-    if "decoder.head.weight" in imp.model:
+    head = "decoder.head.weight" in imp.model
+    if head:  # the whole DropPos, position head included
         model = build_droppos(model_config(args)).to(proc.device).eval()
         load_state(model, imp.model, f"the model in {path!r}")
+        encoder = model.encoder
+    elif imp.mode == "finetune":  # train.py's classifier
+        model = Classifier(build_encoder(args), data.num_classes, imp.args.get("recipe") == "paper")
+        load_state(model, load_checkpoint(path)["model"], f"the classifier in {path!r}")
+        encoder = model.to(proc.device).encoder
+    else:
+        encoder = build_encoder(args).to(proc.device)
+    say_warnings()
+    if head:
         scores, beliefs = head_positions(model, data, args, proc)
-        results.update(scores, **{f"{k}_chance": v for k, v in chance_of_grid(model.grid,
-                                                                              "test_pos").items()},
+        chance = chance_of_grid(model.grid, "test_pos")
+        results.update(scores, **{f"{k}_chance": v for k, v in chance.items()},
                        mask_ratio=args.mask_ratio, pos_mask_ratio=args.pos_mask_ratio)
         imgs = data.picture_images() if proc.rank == 0 else None
         if imgs is not None:
             save_reassembly(model, imgs, folder / "reassembly.png", proc, beliefs["test_pos"])
-        encoder = model.encoder
-    else:
-        encoder = build_encoder(args).to(proc.device)
-    say_warnings()
+    elif imp.mode == "finetune":
+        results["test_top1"] = evaluate_classifier(model, data, args, proc)
     results.update(knn_top1=run_knn(encoder, data, args, proc), top1_chance=100 / data.num_classes)
-    if imp.mode == "finetune":
-        classifier = Classifier(build_encoder(args), data.num_classes,
-                                imp.args.get("recipe") == "paper")
-        load_state(classifier, load_checkpoint(path)["model"], f"the classifier in {path!r}")
-        results["test_top1"] = evaluate_classifier(classifier.to(proc.device), data, args, proc)
     if proc.rank == 0:
         line = json.dumps(results)
         atomic_write(folder / "evaluation.json", lambda f: f.write(line.encode() + b"\n"))
