@@ -49,7 +49,9 @@ import droppos
 from droppos import PRESETS, DropPos, ViT, patchify, sigma_at, sincos_pos_embed, unpatchify
 
 DATASETS = {"cifar10": 32, "cifar100": 32, "imagefolder": 224, "synthetic": 32}  # native image size
+
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "encoder.pt", "reassembly.png", "curves.png",
              "evaluation.json")
 
@@ -58,346 +60,15 @@ class UserError(Exception):
     """A problem with what the user asked for: reported as one line, exit code 2, never a traceback."""
 
 
-# ============================================================================================
-# 1. The command line
-# ============================================================================================
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help shows each flag's default, where it has one, and the default --recipe paper gives it."""
-
-    def _get_help_string(self, action):
-        paper = paper_default_text(action.dest)
-        if not any(action.default is v for v in (None, False, argparse.SUPPRESS)):  # `is`: 0 == False
-            return f"{action.help} (default: %(default)s{paper})"
-        if paper and action.help.endswith(")"):  # a default written into the help: "(default: ...)"
-            return f"{action.help[:-1]}{paper})"
-        return action.help + (f" ({paper[2:]})" if paper else "")
-
-
-def paper_default_text(dest):
-    """'; --recipe paper: X' for --help, per mode where the modes differ; '' for other flags."""
-    values = {mode: RECIPES["paper"][mode][dest] for mode in ("pretrain", "finetune") if dest in RECIPES["paper"][mode]}
-    if not values:
-        return ""
-    if len(set(values.values())) == 1:
-        return f"; --recipe paper: {next(iter(values.values()))}"
-    return f"; --recipe paper: {values['pretrain']} pre-training, {values['finetune']} fine-tuning"
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # a typo is bad input like any other: one line, exit code 2
-        raise UserError(f"{message} (see --help)")
-
-
-def build_parser():
-    p = Parser(description=__doc__, formatter_class=HelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10", choices=list(DATASETS),
-                   help="what to train on; synthetic needs no download")
-    g.add_argument("--data-dir", default="data", help="where CIFAR is downloaded to; for imagefolder, "
-                   "the ImageFolder tree (one sub-folder per class) of training images")
-    g.add_argument("--val-dir", help="imagefolder: a held-out ImageFolder tree for k-NN and fine-tuning "
-                   "top-1 (default: every 10th training image is held out)")
-    g.add_argument("--classes", type=int, help="keep only the first K classes (default: all)")
-    g.add_argument("--per-class", type=int, help="keep at most M training images per class (default: all)")
-    g.add_argument("--synthetic-size", type=int, default=2048, help="synthetic: number of training images")
-    g.add_argument("--workers", type=int, help="loader processes for photos (default: 0 on a CPU, where "
-                   "they would compete with the training step for the cores; 8 on a GPU). CIFAR-size "
-                   "sets are held in memory and use none")
-
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="encoder and decoder preset")
-    g.add_argument("--img-size", type=int, help="training resolution (default: 32 for CIFAR and "
-                   "synthetic, 224 for imagefolder)")
-    g.add_argument("--patch-size", type=int, help="patch size (default: 4 at 32 px, else 16)")
-    for name, what in [("dim", "encoder width"), ("depth", "encoder blocks"), ("heads", "encoder heads"),
-                       ("decoder-dim", "decoder width"), ("decoder-depth", "decoder blocks"),
-                       ("decoder-heads", "decoder heads")]:
-        g.add_argument(f"--{name}", type=int, help=f"{what} (default: the preset's)")
-
-    g = p.add_argument_group("method (paper section 3; each ablation is one flag)")
-    g.add_argument("--mask-ratio", type=float, default=0.75, help="γ: share of patches hidden")
-    g.add_argument("--pos-mask-ratio", type=float, default=0.75,
-                   help="γ_pos: share of visible patches whose position embedding is dropped")
-    g.add_argument("--sigma", type=float, default=1.0, help="σ0 of position smoothing (0 = one-hot targets)")
-    g.add_argument("--no-sigma-decay", action="store_true", help="keep σ = σ0 instead of decaying it to 0")
-    g.add_argument("--no-attentive", action="store_true", help="uniform loss weights instead of attentive ones")
-    g.add_argument("--tau", type=float, default=0.1, help="τ: temperature of attentive reconstruction")
-    g.add_argument("--pos-embed", default="sincos", choices=["sincos", "learnable"],
-                   help="fixed 2-D sin-cos position embedding, or a learned one")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--recipe", default="laptop", choices=sorted(RECIPES),
-                   help="laptop: defaults for small runs on a CPU budget. paper: the official DropPos "
-                   "pre-training (its defaults below, the ViT-B decoder at any size, each gradient clipped "
-                   "on its own, [CLS] and [MASK] tokens decayed) and MAE's fine-tuning as DropPos runs it "
-                   "(RandAugment and RandomErasing, a head that pools without the encoder's final norm, 224/256 "
-                   "evaluation crop). Flags you type win over either")
-    g.add_argument("--epochs", type=int, default=100, help="length of the run")
-    g.add_argument("--batch-size", type=int, default=64, help="images per step and process")
-    g.add_argument("--blr", type=float, help="base lr; lr = blr × total batch / 256 (default: 2e-3 "
-                   "for pre-training, 1e-3 for fine-tuning, 1e-2 for the probes)")
-    g.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine")
-    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear lr warm-up")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
-    g.add_argument("--clip-grad", type=float, default=5.0, help="gradient-norm clipping (0 = none); "
-                   "--recipe paper pre-training clips each parameter's gradient to this norm on its own")
-    g.add_argument("--seed", type=int, default=0, help="seeds data order, augmentation, masking, init")
-
-    g = p.add_argument_group("fine-tuning")
-    g.add_argument("--finetune", metavar="CHECKPOINT|scratch", help="train a classifier on the encoder of a "
-                   "pre-training run (its checkpoint.pt or encoder.pt), or on a random one ('scratch')")
-    g.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay")
-    g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the last block")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    g.add_argument("--mixup", type=float, default=0.8, help="MixUp alpha (0 = off)")
-    g.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0 = off)")
-
-    g = p.add_argument_group("evaluation and probes (any checkpoint: "
-                             "train.py's, the official DropPos "
-                             "code's, MAE's, timm's)")
-    g.add_argument("--evaluate", metavar="CHECKPOINT",
-                   help="train nothing: position top-1, within one cell and distance on the "
-                   "held-out images (with a position head), k-NN, test top-1 (a "
-                   "fine-tuning checkpoint), the picture; evaluation.json and one JSON line")
-    g.add_argument("--location-probe", metavar="CHECKPOINT|random",
-                   help="the paper's location probe: a frozen encoder, every patch visible, the "
-                   "position embeddings of --pos-mask-ratio of "
-                   "them replaced by one learned vector, linear heads predicting positions")
-    g.add_argument("--linear-probe", metavar="CHECKPOINT|random",
-                   help="MAE's linear probe: a frozen "
-                   "encoder, BatchNorm without affine parameters and a linear classifier")
-
-    g = p.add_argument_group("output and evaluation")
-    g.add_argument("--output-dir", help="the run's folder (default: runs/<dataset>-pretrain, "
-                   "runs/<dataset>-scratch or runs/<pre-training run>-finetune, then -paper for --recipe "
-                   "paper and -seedN for seed N > 0)")
-    g.add_argument("--resume", metavar="FOLDER|CHECKPOINT", help="continue the run in FOLDER exactly where it "
-                   "stopped, with the flags it was started with")
-    g.add_argument("--knn-every", type=int, default=10, help="k-NN monitor every N epochs and at the end (0 = off)")
-    g.add_argument("--knn-k", type=int, default=20, help="neighbours of the k-NN monitor")
-    g.add_argument("--knn-t", type=float, default=0.07, help="temperature of the k-NN vote")
-    g.add_argument("--log-every", type=float, default=5.0, help="seconds between progress lines (0 = every step)")
-
-    g = p.add_argument_group("hardware")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: a GPU if present")
-    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="auto: bf16 autocast on a GPU, and on a CPU whose bf16 matmuls beat fp32 ones")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (minutes of start-up)")
-
-    g = p.add_argument_group("benchmark")
-    g.add_argument("--benchmark", action="store_true", help="time training steps and print one JSON line")
-    g.add_argument("--bench-steps", type=int, default=10, help="timed steps")
-    g.add_argument("--bench-warmup", type=int, default=3, help="untimed steps first")
-    return p
-
-
-# Flags that change nothing a run learns: they may differ on --resume. Every other flag is the run.
-FREE_ON_RESUME = {"resume", "output_dir", "data_dir", "val_dir", "workers", "device", "precision", "compile",
-                  "log_every", "knn_every", "knn_k", "knn_t"}
-# What a command does: the flag that chose it (at most one), else pre-training.
-MODES = ("benchmark", "evaluate", "finetune", "location_probe", "linear_probe")
-# Flags that apply in some modes only; any other mode refuses them by name.
-MODE_ONLY = [({"mask_ratio", "sigma", "no_sigma_decay", "no_attentive", "tau", "knn_every"},
-              {"pretrain", "benchmark"}),
-             ({"decoder_dim", "decoder_depth", "decoder_heads"},
-              {"pretrain", "benchmark", "evaluate"}),
-             ({"pos_mask_ratio"}, {"pretrain", "benchmark", "location_probe"}),
-             ({"knn_k", "knn_t"}, {"pretrain", "evaluate"}),
-             ({"layer_decay", "drop_path", "smoothing", "mixup", "cutmix"}, {"finetune"}),
-             ({"bench_steps", "bench_warmup"}, {"benchmark"}),
-             ({"epochs", "blr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "compile",
-               "log_every"}, set(MODES) - {"evaluate"} | {"pretrain"})]  # what training is
-ENCODER_SHAPE = ("img_size", "patch_size", "dim", "depth", "heads", "pos_embed")
-INF = math.inf
-LIMITS = {  # flag: (low, high, low allowed, high allowed); NaN fails every comparison, so it is refused too
-    "epochs": (1, INF, True, False), "batch_size": (1, INF, True, False), "synthetic_size": (1, INF, True, False),
-    "workers": (0, INF, True, False), "classes": (1, INF, True, False), "per_class": (1, INF, True, False),
-    "img_size": (1, INF, True, False), "patch_size": (1, INF, True, False), "dim": (1, INF, True, False),
-    "depth": (1, INF, True, False), "heads": (1, INF, True, False), "decoder_dim": (1, INF, True, False),
-    "decoder_depth": (1, INF, True, False), "decoder_heads": (1, INF, True, False),
-    "sigma": (0, INF, True, False), "blr": (0, INF, False, False), "min_lr": (0, INF, True, False),
-    "warmup_epochs": (0, INF, True, False), "weight_decay": (0, INF, True, False),
-    "clip_grad": (0, INF, True, False), "layer_decay": (0, 1, False, True), "drop_path": (0, 1, True, False),
-    "smoothing": (0, 1, True, False), "mixup": (0, INF, True, False), "cutmix": (0, INF, True, False),
-    "knn_every": (0, INF, True, False), "knn_k": (1, INF, True, False), "knn_t": (0, INF, False, False),
-    "log_every": (0, INF, True, False), "bench_steps": (1, INF, True, False), "bench_warmup": (0, INF, True, False),
-}
-# --recipe: the defaults a recipe gives, per mode, to the flags the user did not type (`complete_args`);
-# flags missing here keep the parser's default. laptop's are tuned for short CPU runs. paper's
-# pre-training ones are the official DropPos code's (main_pretrain.py, scripts/pretrain_base.sh: the
-# ViT-B decoder dec512d2b whatever the encoder), its fine-tuning ones DropPos's fine-tuning scripts,
-# which run MAE's recipe: no clipping, a floor under the cosine. Entries equal to the parser's
-# default are listed too, so each paper column reads as the whole recipe.
-RECIPES = {
-    "laptop": {"pretrain": dict(blr=2e-3), "finetune": dict(blr=1e-3),
-               "probe": dict(blr=1e-2, weight_decay=0.0)},  # a linear head on frozen features
-    "paper": {"pretrain": dict(blr=1.5e-4, warmup_epochs=10.0, min_lr=0.0, weight_decay=0.05, clip_grad=5.0,
-                               decoder_dim=512, decoder_depth=2, decoder_heads=16),
-              "finetune": dict(blr=1e-3, warmup_epochs=5.0, min_lr=1e-6, weight_decay=0.05, clip_grad=0.0,
-                               layer_decay=0.75, drop_path=0.1, smoothing=0.1, mixup=0.8,
-                               cutmix=1.0),
-              "probe": dict(blr=1e-2, weight_decay=0.0)},  # MAE: LARS, batch 16384; AdamW here
-}
-
-
-def parse_args(argv=None):
-    """The run's flags: the command line checked and completed or, with --resume, the flags the run
-    was started with plus the free ones given now."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    given = given_flags(parser, argv)
-    if args.resume:
-        args = resumed_args(args, given)
-    else:
-        check_mode_flags(args, given)
-        complete_args(args, given)
-    check_ranges(args)
-    return args
-
-
-def given_flags(parser, argv):
-    """The destinations of the flags actually typed (parsing again with every default suppressed)."""
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
-
-
-def flag(name):
-    return "--" + name.replace("_", "-")
-
-
-def mode_of(args):
-    """'pretrain', or the mode flag given: 'finetune', 'evaluate', 'location_probe', ..."""
-    return next((m for m in MODES if getattr(args, m, None)), "pretrain")
-
-
-def source_of(args):
-    """The checkpoint the mode starts from; None for pre-training, scratch and random weights."""
-    path = getattr(args, mode_of(args), None)
-    return path if isinstance(path, str) and path not in ("scratch", "random") else None
-
-
-def check_mode_flags(args, given):
-    """Refuse flags that cannot apply to what was asked for, rather than ignore them."""
-    mode = mode_of(args)
-    for other in given & set(MODES) - {mode}:
-        raise UserError(f"{flag(other)} does not apply with {flag(mode)}")
-    for flags, modes in MODE_ONLY:
-        bad = sorted(given & flags) if mode not in modes else []
-        if bad and mode == "pretrain":
-            raise UserError(f"{flag(bad[0])} applies only with "
-                            f"{' or '.join(map(flag, modes - {'pretrain'}))}")
-        if bad:
-            raise UserError(f"{flag(bad[0])} does not apply with {flag(mode)}")
-    if "model" in given and source_of(args):
-        raise UserError(f"--model does not apply with {flag(mode)} "
-                        f"CHECKPOINT: the encoder's shape comes "
-                        f"from the checkpoint")
-
-
-def complete_args(args, given):
-    """Fill the defaults that depend on other flags; a checkpoint to fine-tune decides the encoder."""
-    if source_of(args):
-        take_encoder_shape(args, given)
-    if args.img_size is None:
-        args.img_size = DATASETS[args.dataset]
-        native = first_image_size(args)
-        if native and native != (args.img_size, args.img_size):
-            warn(f"the images in --data-dir are {native[0]}x{native[1]} px, but --{args.dataset} "
-                 f"trains at {args.img_size} px unless told otherwise: pass "
-                 f"--img-size {min(native)} to train "
-                 f"at their size")
-    check_heads(args, given)
-    if args.patch_size is None:
-        args.patch_size = 4 if args.img_size == 32 else 16
-    for name, value in RECIPES[args.recipe].get(recipe_mode(args), {}).items():
-        if name not in given:  # a typed flag wins over the recipe; --benchmark times pre-training
-            setattr(args, name, value)
-    if args.workers is None:
-        args.workers = default_workers(args.device)
-    if args.output_dir is None:
-        args.output_dir = str(Path("runs") / default_run_name(args))
-
-
-def first_image_size(args):
-    """(width, height) of the first image of an ImageFolder --data-dir; None when there is none."""
-    if args.dataset != "imagefolder" or not Path(args.data_dir).is_dir():
-        return None
-    for folder in sorted(d for d in Path(args.data_dir).iterdir() if d.is_dir()):
-        for path in sorted(folder.iterdir()):
-            try:
-                with Image.open(path) as im:
-                    return im.size
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-                continue
-    return None
-
-
-def check_heads(args, given):
-    """A typed --heads that splits a preset's width differently from that preset is most likely a
-    slip: the weights load either way, but the encoder computes something else."""
-    dim = args.dim or PRESETS[args.model]["dim"]
-    heads = args.heads or PRESETS[args.model]["heads"]
-    if dim % heads:
-        return  # refused when the model is built: the width must split into equal heads
-    preset = next((name for name, p in PRESETS.items() if p["dim"] == dim), None)
-    if "heads" in given and preset and PRESETS[preset]["heads"] != heads:
-        warn(f"--heads {heads} splits width {dim} into heads of "
-             f"{dim // heads}; ViT-{preset.title()} "
-             f"(width {dim}) has {PRESETS[preset]['heads']} of {dim // PRESETS[preset]['heads']}")
-
-
-def default_workers(device):
-    return 8 if torch.cuda.is_available() and device != "cpu" else 0
-
-
-def recipe_mode(args):
-    """Which column of RECIPES a mode reads: probes have their own; --benchmark times
-    pre-training."""
-    mode = mode_of(args)
-    return "probe" if mode.endswith("probe") else "pretrain" if mode == "benchmark" else mode
-
-
-def default_run_name(args):
-    """Different runs get different default folders: fine-tuning from scratch, from one
-    pre-training run and from another, under another recipe or seed, never share one."""
-    mode, source = mode_of(args), source_of(args)
-    if mode == "pretrain":
-        name = f"{args.dataset}-pretrain"
-    elif mode == "finetune" and not source:
-        name = f"{args.dataset}-scratch"
-    else:  # <run>-finetune, <run>-evaluate, <dataset>-random-location-probe, ...
-        origin = Path(source).resolve().parent.name if source else f"{args.dataset}-random"
-        name = f"{origin}-{mode.replace('_', '-')}"
-    return name + (f"-{args.recipe}" if args.recipe != "laptop" else "") + (f"-seed{args.seed}" if args.seed else "")
-
-
-def check_ranges(args):
-    for name, (lo, hi, lo_ok, hi_ok) in LIMITS.items():
-        v = getattr(args, name)
-        if v is None:
-            continue
-        if not ((v >= lo if lo_ok else v > lo) and (v <= hi if hi_ok else v < hi)):
-            allowed = (f"{'>=' if lo_ok else '>'} {lo}" if hi == INF else
-                       f"in {'[' if lo_ok else '('}{lo}, {hi}{']' if hi_ok else ')'}")
-            raise UserError(f"{flag(name)} must be {allowed}, got {v}")
-
-
-def model_config(args):
-    """DropPos constructor arguments: the preset, then any size overrides."""
-    cfg = dict(PRESETS[args.model])
-    for key in cfg:
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
-    return dict(cfg, img_size=args.img_size, patch_size=args.patch_size, mask_ratio=args.mask_ratio,
-                pos_mask_ratio=args.pos_mask_ratio, pos_embed=args.pos_embed,
-                attentive=not args.no_attentive, tau=args.tau)
+##############################################################################################
+# Part I: how DropPos is trained. The loop, then everything one pre-training step touches.
+##############################################################################################
 
 
 # ============================================================================================
-# 2. The training loop
+# 1. The loop
 # ============================================================================================
+
 
 def main(argv=None):
     WARNINGS.clear()
@@ -468,8 +139,9 @@ def train(args):
 
 
 # ============================================================================================
-# 3. The tasks: pre-training, fine-tuning and the probes; what differs between them, chosen once
+# 2. The tasks: pre-training, fine-tuning, the probes
 # ============================================================================================
+
 
 class Task:
     """What the loop asks of pre-training and of fine-tuning alike. Each sets, once, its model,
@@ -703,6 +375,27 @@ class LinearProbing(Probing):
     def chance(self):
         return {"test_top1": 100 / self.data.num_classes}
 
+TASKS = {"pretrain": Pretraining, "finetune": Finetuning, "location_probe": LocationProbing,
+         "linear_probe": LinearProbing}
+
+
+def model_config(args):
+    """DropPos constructor arguments: the preset, then any size overrides."""
+    cfg = dict(PRESETS[args.model])
+    for key in cfg:
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    return dict(cfg, img_size=args.img_size, patch_size=args.patch_size, mask_ratio=args.mask_ratio,
+                pos_mask_ratio=args.pos_mask_ratio, pos_embed=args.pos_embed,
+                attentive=not args.no_attentive, tau=args.tau)
+
+
+def build_droppos(cfg):
+    try:
+        return DropPos(**cfg)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
 
 def build_encoder(args, drop_path=0.0):
     """The ViT of args' shape, with the weights of the mode's checkpoint unless it has none or a
@@ -716,17 +409,6 @@ def build_encoder(args, drop_path=0.0):
     if source_of(args) and not args.resume:
         load_encoder(encoder, args)
     return encoder
-
-
-def build_droppos(cfg):
-    try:
-        return DropPos(**cfg)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
-TASKS = {"pretrain": Pretraining, "finetune": Finetuning, "location_probe": LocationProbing,
-         "linear_probe": LinearProbing}
 
 
 class Classifier(nn.Module):
@@ -781,46 +463,920 @@ def classification_step(net, imgs, labels, mix, smoothing):
 
 
 # ============================================================================================
-# 4. Checkpoints from anywhere; the run folder: its identity, whole files, exact resume
+# 3. Optimiser and schedule
 # ============================================================================================
 
-def resumed_args(args, given):
-    """The flags a run was started with, from its checkpoint; a typed flag that would change the
-    run is refused by name, the free ones (FREE_ON_RESUME) replace the saved ones."""
-    path = checkpoint_path(args.resume)
-    ck = load_training_checkpoint(path)
-    saved = dict(vars(build_parser().parse_args([])), **ck["args"])
-    for name in sorted(given - FREE_ON_RESUME):
-        if getattr(args, name) != saved[name]:
-            raise UserError(f"{flag(name)} would change the run in {str(path.parent)!r}: it was started with "
-                            f"{saved[name]!r}, you gave {getattr(args, name)!r}. Drop the flag to continue the "
-                            f"run as it was, or start a new run with another --output-dir")
-    merged = argparse.Namespace(**saved)
-    for name in given & FREE_ON_RESUME:
-        setattr(merged, name, getattr(args, name))
-    if "output_dir" in given and Path(args.output_dir).resolve() != path.parent.resolve():
-        raise UserError(f"--resume continues the run in its own folder {str(path.parent)!r}; drop --output-dir")
-    if "workers" not in given:
-        merged.workers = default_workers(merged.device)
-    merged.output_dir, merged.resume = str(path.parent), str(path)
-    return merged
+
+def laptop_no_decay(name, p):
+    """laptop: no weight decay on biases, norms, tokens ([CLS], [MASK]) and position embeddings."""
+    return p.ndim <= 1 or name.endswith(("token", "pos_embed"))
 
 
-def checkpoint_path(resume):
-    """The checkpoint --resume names; a folder without one is explained, not just 'missing'."""
-    path = Path(resume)
-    if not path.is_dir():
-        return path
-    if (path / "checkpoint.pt").exists():
-        return path / "checkpoint.pt"
-    owner = live_owner(path)
-    if owner:
-        raise UserError(f"{str(path)!r} holds no checkpoint yet: its run "
-                        f"is still in its first epoch "
-                        f"({owner}) and writes one when the epoch ends")
-    if (path / "metrics.jsonl").exists() or (path / ".checkpoint.pt.tmp").exists():
-        raise UserError(stopped_before_a_checkpoint(path))
-    raise UserError(f"{str(path)!r} holds no run (no checkpoint.pt)")
+def paper_pretrain_no_decay(name, p):
+    """paper pre-training: timm's add_weight_decay without a skip list (official main_pretrain.py):
+    only 1-D parameters and biases, so the (1, 1, D) cls_token and mask_pos_token are decayed."""
+    return p.ndim <= 1 or name.endswith(".bias")
+
+
+def paper_finetune_no_decay(name, p):
+    """paper fine-tuning: MAE's param_groups_lrd: 1-D parameters and the ViT's no_weight_decay()
+    names, pos_embed and cls_token (under 'encoder.' in a Classifier)."""
+    return p.ndim <= 1 or name.removeprefix("encoder.") in ("pos_embed", "cls_token")
+
+
+def no_decay_rule(recipe, mode):
+    """The rule (name, param) -> True for the parameters AdamW leaves undecayed."""
+    if recipe == "laptop":
+        return laptop_no_decay
+    return paper_pretrain_no_decay if mode == "pretrain" else paper_finetune_no_decay
+
+
+def param_groups(model, weight_decay, lr_scale=None, no_decay=laptop_no_decay):
+    """AdamW groups: no weight decay where no_decay(name, param) says so (`no_decay_rule`), and,
+    for fine-tuning, an lr scale per parameter (layer-wise decay). Frozen parameters are left out."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = bool(no_decay(name, p))
+        scale = lr_scale(name) if lr_scale else 1.0
+        groups.setdefault((skip, scale), {"params": [], "weight_decay": 0.0 if skip else weight_decay,
+                                          "lr_scale": scale})["params"].append(p)
+    return list(groups.values())
+
+
+def make_optimizer(groups, betas, device, lr=1e-4):  # the loop sets each step's lr
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type in ("cuda", "cpu"))
+
+
+def optimizer_step(model, optimizer, loss, clip_grad, per_parameter=False):
+    """Backward, clip the gradient norm (0 = no clipping), update. The norm is all gradients'
+    together or, per_parameter (`per_parameter_clip`), each gradient's own."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad > 0:
+        (clip_each_gradient if per_parameter else nn.utils.clip_grad_norm_)(model.parameters(), clip_grad)
+    optimizer.step()
+
+
+def per_parameter_clip(recipe, mode):
+    """Whether clipping bounds each gradient on its own: only the official DropPos pre-training
+    does (util/utils.py clip_gradients). MAE's fine-tuning, when asked to clip, clips the joint norm."""
+    return recipe == "paper" and mode == "pretrain"
+
+
+def clip_each_gradient(params, max_norm):
+    """g *= min(1, max_norm / (‖g‖ + 1e-6)) for each gradient on its own, as the official
+    clip_gradients: a large gradient in one layer no longer shrinks every other layer's update, as
+    one joint norm would. Nothing is read back to the host."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        norms = torch.stack([g.detach().norm(2) for g in grads])
+        for g, scale in zip(grads, (max_norm / (norms + 1e-6)).clamp(max=1.0)):
+            g.mul_(scale)
+
+
+def lr_at(step, total, warmup, base_lr, min_lr):
+    """Linear warm-up, then half-cosine to min_lr, per optimiser step."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    t = (step - warmup) / max(total - warmup, 1)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def layer_id(name, depth):
+    """Depth of a fine-tuning parameter for layer-wise lr decay: embeddings 0, block i → i+1."""
+    if name.startswith("encoder.") and name.split(".")[1] in ("cls_token", "pos_embed", "patch_embed"):
+        return 0
+    if name.startswith("encoder.blocks."):
+        return int(name.split(".")[2]) + 1
+    return depth + 1
+
+
+# ============================================================================================
+# 4. Data: the path CIFAR takes
+# ============================================================================================
+
+
+class Data:
+    """The training stream (None for --evaluate, which trains nothing), the held-out images (None
+    where there are none), the class count."""
+
+    def __init__(self, args, proc):
+        self.train, self.held_out, self.num_classes = load_datasets(args)
+        training = mode_of(args) != "evaluate"
+        if training and len(self.train) < args.batch_size * proc.world:
+            raise UserError(f"the training set has {len(self.train)} images, fewer than one batch "
+                            f"({args.batch_size} × {proc.world} processes); lower --batch-size")
+        self.args = args
+        self.per_class = self.class_counts()
+        if proc.rank == 0:
+            self.warn_about_classes()
+        self.stream = (TrainStream(self.train, args, proc.rank, proc.world, mode_of(args), proc.device)
+                       if training else None)
+
+    def class_counts(self):
+        """Training images per class, for every class the run has (0 for a class with none)."""
+        targets = targets_of(self.train.dataset)
+        counts = [0] * self.num_classes
+        for i in self.train.indices:
+            counts[targets[i]] += 1
+        return counts
+
+    def warn_about_classes(self):
+        """Set-ups that train without complaint but are almost certainly not what was meant."""
+        names = getattr(self.train.dataset,
+                        "classes", None) or [str(c) for c in range(self.num_classes)]
+        if self.num_classes == 1:
+            warn("the data has one class: k-NN and fine-tuning top-1 are 100 % whatever is learned")
+        empty = [names[c] for c, n in enumerate(self.per_class) if n == 0]
+        if empty:
+            warn(f"{len(empty)} class(es) have no training image (e.g. {empty[0]!r}): the held-out "
+                 f"images of such a class cannot be classified right")
+        splits = sorted({n.lower() for n in names} & {"train", "training", "test", "val", "valid",
+                                                     "validation"})
+        if splits:
+            warn(f"the class folders of --data-dir are named like splits ({', '.join(splits)}): "
+                 f"--data-dir should be the training split itself, e.g. --data-dir "
+                 f"{Path(self.args.data_dir) / splits[-1]}")
+
+    def describe(self):
+        """The start-up line's account of the data."""
+        a, (h, w) = self.args, droppos.grid_size(self.args.img_size, self.args.patch_size)
+        return (f"{len(self.stream.data)} images in {self.num_classes} classes "
+                f"({min(self.per_class)}-{max(self.per_class)} per class), {a.img_size} px, "
+                f"patch {a.patch_size}, grid {h}x{w}")
+
+    def picture_images(self):
+        """8 held-out images for reassembly.png, spread over the set: folders list their images
+        class by class, so the first 8 would often be of one class. Unreadable ones are left out."""
+        if self.held_out is None:
+            return None
+        tf, imgs = eval_transform(self.args.img_size, eval_crop_pct(self.args)), []
+        for i in range(0, len(self.held_out), max(len(self.held_out) // 8, 1)):
+            img = self.held_out[i][0]
+            if isinstance(img, str):
+                warn_unreadable([img])
+            else:
+                imgs.append(tf(img))
+            if len(imgs) == 8:
+                break
+        return torch.stack(imgs) if imgs else None
+
+
+def load_datasets(args):
+    """(train, held_out, num_classes), untransformed, cut to --classes / --per-class."""
+    if args.dataset == "synthetic":
+        train = SyntheticImages(args.synthetic_size, args.img_size, args.seed)
+        held_out = SyntheticImages(max(args.synthetic_size // 5, 10), args.img_size, args.seed + 1)
+    elif args.dataset in ("cifar10", "cifar100"):
+        train, held_out = load_cifar(args)
+    else:
+        train, held_out = load_imagefolder(args)
+    num_classes = len(set(targets_of(train)))
+    if args.classes:
+        num_classes = min(num_classes, args.classes)
+    keep = take_classes(targets_of(train), args.classes, args.per_class)
+    if held_out is None:  # a deterministic hold-out: every 10th kept image
+        held_out, keep = Subset(train, keep[::10]), [i for j, i in enumerate(keep) if j % 10]
+    else:
+        held_out = Subset(held_out, take_classes(targets_of(held_out), args.classes, None))
+    if len(held_out) == 0:
+        raise UserError("the held-out set has no images of the kept classes (--val-dir, --classes)")
+    return Subset(train, keep), held_out, num_classes
+
+
+def targets_of(ds):
+    return ds.targets if hasattr(ds, "targets") else [c for _, c in ds.samples]
+
+
+def take_classes(targets, classes, per_class):
+    """Indices of the images of the first `classes` classes, at most `per_class` each, in order."""
+    keep, seen = [], {}
+    for i, c in enumerate(targets):
+        if (classes is None or c < classes) and seen.get(c, 0) < (per_class or INF):
+            seen[c] = seen.get(c, 0) + 1
+            keep.append(i)
+    return keep
+
+
+def load_cifar(args):
+    """CIFAR-10/100 from --data-dir, downloaded there if absent. A failed download leaves nothing
+    behind; an archive already there that fails its checksum is named as such."""
+    cls = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
+    root, archive = Path(args.data_dir), Path(args.data_dir) / cls.filename
+    if archive.exists() and not torchvision.datasets.utils.check_integrity(str(archive),
+                                                                           cls.tgz_md5):
+        raise UserError(f"{str(archive)!r} is corrupt or incomplete (its "
+                        f"MD5 checksum does not match); "
+                        f"delete it and run again to download it, or put a good copy there")
+    before = set(root.rglob("*")) if root.exists() else None
+    try:
+        return cls(args.data_dir, train=True, download=True), cls(args.data_dir, train=False, download=True)
+    except Exception as e:  # network, disk or archive: all end the same way for the user
+        if before is None:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            for p in sorted(set(root.rglob("*")) - before, reverse=True):  # files before folders
+                p.rmdir() if p.is_dir() else p.unlink()
+        why = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"could not get {args.dataset} into {args.data_dir!r} ({type(e).__name__}: {why}). "
+                        f"Download {cls.filename} from https://www.cs.toronto.edu/~kriz/cifar.html "
+                        f"and put it in {args.data_dir!r} (or pass --data-dir), or "
+                        f"use --dataset synthetic, which "
+                        f"works offline") from None
+
+
+class TrainStream:
+    """This process's training batches for an epoch: augmented, normalised, on the device.
+
+    CIFAR-size sets are decoded once into memory and each batch is augmented in one resampling
+    call on the device (~1 ms of PIL work per image saved); photos are cropped one by one from
+    their full resolution by `SeededTransform`. Both seed the augmentation by (seed, epoch, batch
+    or image), so a resumed run sees exactly the crops of an uninterrupted one. Unreadable images
+    are left out with a warning that names them, and counted.
+    """
+
+    def __init__(self, train_set, args, rank, world, mode, device):
+        self.size, self.seed, self.rank, self.device = args.img_size, args.seed, rank, device
+        finetune = mode != "pretrain"  # probes augment as fine-tuning does (MAE's linear probe)
+        self.scale = crop_scale(finetune)
+        # augment_batch can crop and flip but not RandAugment or RandomErasing, so MAE's fine-tuning
+        # augmentation (--recipe paper) takes the per-image path even for CIFAR-size sets. Exact resume
+        # holds there too: SeededTransform seeds each image by (seed, epoch, index).
+        mae_augment = mode == "finetune" and args.recipe == "paper"
+        stored = None if mae_augment else decode_in_memory(train_set, args.img_size)
+        self.in_memory = stored is not None
+        if self.in_memory:
+            images, labels, self.bad_at_start = stored
+            self.data = torch.utils.data.TensorDataset(images, labels)
+            collate = None
+        else:
+            self.bad_at_start = []
+            self.data = SeededTransform(train_set, train_transform(args.img_size, finetune, mae_augment), args.seed)
+            collate = collate_readable
+        self.skipped = 0  # unreadable images met this epoch by this process
+        # Indexing a tensor needs no loader processes: they would only compete for the cores. The
+        # generator keeps the loader from drawing its seed from the global RNG (exact resume).
+        self.loader = DataLoader(self.data, args.batch_size, sampler=SkipSampler(self.data, rank, world, args.seed),
+                                 num_workers=0 if self.in_memory else args.workers, drop_last=True,
+                                 collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))
+        self.steps = len(self.loader)  # per epoch
+
+    def epoch(self, epoch, start_step=0):
+        """Yields (step, (images, labels)) on the device for the steps of `epoch` from start_step on."""
+        self.loader.sampler.set_epoch(epoch, skip=start_step * self.loader.batch_size)
+        self.skipped = 0
+        if not self.in_memory:
+            self.data.epoch = epoch
+        for step, batch in enumerate(self.loader, start_step):
+            if self.in_memory:
+                imgs, labels = batch
+                g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, step, self.rank))
+                imgs = augment_batch(imgs.to(self.device, non_blocking=True), self.size, self.scale, g)
+            else:
+                imgs, labels, bad = batch
+                warn_unreadable(bad)
+                self.skipped += len(bad)
+                if imgs is None:
+                    raise UserError(f"every image of a batch was unreadable, e.g. {bad[0]}")
+                imgs = imgs.to(self.device, non_blocking=True)
+            yield step, (imgs, labels.to(self.device, non_blocking=True))
+
+    def left_out(self, proc):
+        """Unreadable training images left out of the epoch that just ended, over all processes."""
+        n = self.skipped + (len(self.bad_at_start) if proc.rank == 0 else 0)
+        if proc.world > 1:
+            t = torch.tensor([float(n)], device=proc.device)
+            dist.all_reduce(t)
+            n = int(t.item())
+        return n
+
+
+def decode_in_memory(dataset, size, limit_bytes=2 ** 31):
+    """A CIFAR-size training set as one uint8 tensor (M, 3, size, size), its labels (M,) and the
+    paths of the images that could not be read (left out, and named in a warning).
+
+    None when the images are larger than 64 px, not already size×size, or would fill more than
+    2 GiB: such photos are cropped one by one from their full resolution instead.
+    """
+    if size > 64 or len(dataset) * 3 * size * size > limit_bytes:
+        return None
+    base, idx = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, range(len(dataset)))
+    if isinstance(base, torchvision.datasets.CIFAR10):  # CIFAR-100 too: it subclasses CIFAR-10
+        idx = torch.as_tensor(list(idx), dtype=torch.long)
+        return (torch.from_numpy(base.data).permute(0, 3, 1, 2)[idx].contiguous(),
+                torch.tensor(base.targets)[idx], [])
+    images = torch.empty(len(dataset), 3, size, size, dtype=torch.uint8)
+    labels = torch.empty(len(dataset), dtype=torch.long)
+    n, bad = 0, []
+    for i in range(len(dataset)):
+        img, label = dataset[i]
+        if isinstance(img, str):
+            bad.append(img)
+            continue
+        if img.size != (size, size):
+            return None
+        images[n], labels[n] = v2.functional.pil_to_tensor(img), label
+        n += 1
+    warn_unreadable(bad)
+    return images[:n], labels[:n], bad
+
+
+class SkipSampler(torch.utils.data.Sampler):
+    """A distributed, seeded shuffle per epoch that can start part-way through (mid-epoch resume)."""
+
+    def __init__(self, dataset, rank, world, seed):
+        self.inner = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.inner.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(self.inner)[self.skip:])
+
+    def __len__(self):
+        return len(self.inner) - self.skip
+
+
+def mix_seed(*parts):
+    """One 63-bit seed from several integers, different for different tuples in practice."""
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + p) % 2 ** 63
+    return h
+
+
+def crop_scale(finetune):
+    # Paper: RandomResizedCrop(scale 0.2-1) + flip for pre-training; MAE fine-tuning crops from 0.08.
+    return (0.08 if finetune else 0.2, 1.0)
+
+
+def augment_batch(imgs, size, scale, generator):
+    """`train_transform` for a whole uint8 batch (B, 3, S, S) on its device: RandomResizedCrop,
+    horizontal flip, normalisation.  -> (B, 3, size, size) float."""
+    B, _, H, W = imgs.shape
+    boxes = random_crop_boxes(B, H, W, scale, generator)
+    flip = torch.rand(B, generator=generator) < 0.5
+    # Bicubic overshoots; clamping matches what resampling 8-bit images gives.
+    return normalize(resample_crops(imgs.float() / 255, boxes, flip, size).clamp(0, 1))
+
+
+def random_crop_boxes(n, height, width, scale, generator, ratio=(3 / 4, 4 / 3), tries=10):
+    """RandomResizedCrop's boxes for n images at once.  -> (n, 4) float: top, left, height, width.
+
+    As torchvision draws them: area share uniform in `scale`, aspect ratio log-uniform in `ratio`,
+    the first of `tries` draws that fits inside the image, else the whole image (torchvision's
+    fallback for a square image), and a uniformly placed top-left corner.
+    """
+    area = torch.empty(n, tries).uniform_(*scale, generator=generator) * height * width
+    aspect = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
+    w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+    fits = (w >= 1) & (w <= width) & (h >= 1) & (h <= height)
+    first = fits.int().argmax(1, keepdim=True)  # the first draw that fits
+    any_fit = fits.any(1)
+    h = torch.where(any_fit, h.gather(1, first)[:, 0], float(height))
+    w = torch.where(any_fit, w.gather(1, first)[:, 0], float(width))
+    top = (torch.rand(n, generator=generator) * (height - h + 1)).floor()
+    left = (torch.rand(n, generator=generator) * (width - w + 1)).floor()
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def resample_crops(imgs, boxes, flip, size):
+    """Every image's box resized to size×size (bicubic) in one grid_sample call, mirrored where
+    flip.  imgs: (B, C, H, W) float; boxes: (B, 4) as `random_crop_boxes`; flip: (B,) bool."""
+    B, C, H, W = imgs.shape
+    top, left, h, w = boxes.unbind(1)
+    # affine_grid maps output coordinates in [-1, 1] (pixel edges, align_corners=False) to input
+    # coordinates: the output's edges land on the box's edges.
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0] = torch.where(flip, -w / W, w / W)
+    theta[:, 0, 2] = (2 * left + w) / W - 1
+    theta[:, 1, 1] = h / H
+    theta[:, 1, 2] = (2 * top + h) / H - 1
+    grid = F.affine_grid(theta.to(imgs.device), [B, C, size, size], align_corners=False)
+    return F.grid_sample(imgs, grid, mode="bicubic", padding_mode="border", align_corners=False)
+
+
+def _mean_std(device):
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(STD, device=device).view(1, 3, 1, 1))
+
+
+def normalize(imgs):
+    """(B, 3, H, W) in [0, 1] -> ImageNet-normalised, as the per-image transforms do."""
+    mean, std = _mean_std(imgs.device)
+    return (imgs - mean) / std
+
+
+def denormalize(imgs):
+    """Inverse of `normalize`, clamped to [0, 1] for display."""
+    mean, std = _mean_std(imgs.device)
+    return (imgs * std + mean).clamp(0, 1)
+
+
+# ============================================================================================
+# 5. Evaluation: k-NN, top-1, position scores
+# ============================================================================================
+
+
+def held_out_batches(data, args, proc, batch_size):
+    """This process's share of the held-out images, unaugmented, as (images, labels) on the device."""
+    ds = SeededTransform(data.held_out, eval_transform(args.img_size, eval_crop_pct(args)), 0)
+    return readable_batches(Subset(ds, range(proc.rank, len(ds), proc.world)), batch_size, args, proc)
+
+
+def readable_batches(ds, batch_size, args, proc):
+    for imgs, labels, bad in DataLoader(ds, batch_size, num_workers=args.workers, collate_fn=collate_readable):
+        warn_unreadable(bad)
+        if imgs is not None:
+            yield imgs.to(proc.device, non_blocking=True), labels.to(proc.device, non_blocking=True)
+
+
+@torch.no_grad()
+def extract_features(encoder, batches, proc):
+    """L2-normalised average of the encoder's patch tokens per image, from every process.  -> (M, D), (M,)."""
+    feats = [torch.zeros(0, encoder.dim, device=proc.device)]  # so that a process with no images still gathers
+    labels = [torch.zeros(0, dtype=torch.long, device=proc.device)]
+    for imgs, y in batches:
+        with autocast(proc):
+            f = encoder.forward_features(imgs)[:, 1:].mean(1)
+        feats.append(F.normalize(f.float(), dim=-1))
+        labels.append(y)
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if proc.world == 1:
+        return feats, labels
+    # Shares differ by a few images: pad to the longest, gather, cut the padding off again.
+    n = torch.tensor([len(feats)], device=proc.device)
+    sizes = [torch.zeros_like(n) for _ in range(proc.world)]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    pad = lambda t: torch.cat([t, t.new_zeros(longest - len(t), *t.shape[1:])])
+    all_f = [torch.zeros(longest, encoder.dim, device=proc.device) for _ in sizes]
+    all_y = [torch.zeros(longest, dtype=torch.long, device=proc.device) for _ in sizes]
+    dist.all_gather(all_f, pad(feats))
+    dist.all_gather(all_y, pad(labels))
+    keep = [slice(0, int(s.item())) for s in sizes]
+    return torch.cat([f[k] for f, k in zip(all_f, keep)]), torch.cat([y[k] for y, k in zip(all_y, keep)])
+
+
+def knn_classify(train_feats, train_labels, test_feats, num_classes, k=20, t=0.07, chunk=512):
+    """Weighted k-NN vote (DINO): each of the k most cosine-similar training features votes for
+    its label with weight exp(sim / t).  Features must be L2-normalised.  -> (M_test,) labels."""
+    preds = []
+    for q in test_feats.split(chunk):
+        sim, idx = (q @ train_feats.T).topk(min(k, train_feats.shape[0]), dim=1)  # (m, k)
+        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
+        votes.scatter_add_(1, train_labels[idx], (sim / t).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+def run_knn(encoder, data, args, proc):
+    """k-NN top-1 (%) of the encoder's features on the held-out images, the training images as
+    the bank. Every process embeds its share of both, so none waits idle in a collective."""
+    encoder.eval()
+    train_ds = SeededTransform(data.train, eval_transform(args.img_size, eval_crop_pct(args)), 0)
+    shard = Subset(train_ds, range(proc.rank, len(train_ds), proc.world))
+    bank_f, bank_y = extract_features(encoder, readable_batches(shard, 256, args, proc), proc)
+    test_f, test_y = extract_features(encoder, held_out_batches(data, args, proc, 256), proc)
+    encoder.train()
+    pred = knn_classify(bank_f, bank_y, test_f, data.num_classes, args.knn_k, args.knn_t)
+    return 100.0 * (pred == test_y).float().mean().item()
+
+
+@torch.no_grad()
+def evaluate_classifier(model, data, args, proc):
+    """Top-1 (%) on the held-out images, split across processes."""
+    model.eval()
+    counts = torch.zeros(2, device=proc.device)  # right, seen
+    for imgs, y in held_out_batches(data, args, proc, args.batch_size):
+        with autocast(proc):
+            logits = model(imgs)
+        counts[0] += (logits.argmax(-1) == y).sum()
+        counts[1] += len(y)
+    if proc.world > 1:
+        dist.all_reduce(counts)
+    model.train()
+    return 100.0 * (counts[0] / counts[1].clamp(min=1)).item()
+
+
+def head_positions(model, data, args, proc):
+    """The DropPos position head on the held-out images, without the loss or its attentive pass:
+    the scores of the patches whose position was dropped (test_pos_*) and what the picture draws."""
+    def predict(imgs):
+        tokens, ids_keep, dropped = model.embed_visible(imgs)
+        return {"test_pos": (model.decoder(model.encoder.encode(tokens)), ids_keep, dropped)}
+    return held_out_positions(predict, data, args, proc, model.grid)
+
+
+def probe_positions(probe, data, args, proc):
+    """The location probe on the held-out images: its measure and its control."""
+    def predict(imgs):
+        head, control, dropped = probe(imgs)
+        truth = torch.arange(head.shape[1], device=imgs.device).expand(len(imgs), -1)
+        return {"probe": (head, truth, dropped), "control": (control, truth, ~dropped)}
+    return held_out_positions(predict, data, args, proc, probe.encoder.grid, keep=0)[0]
+
+
+@torch.no_grad()
+def held_out_positions(predict, data, args, proc, grid, keep=20_000):
+    """Position scores over the held-out images (every process its share), for each group that
+    predict(imgs) -> {name: (logits (B, n, N), true cells (B, n), scored (B, n) bool)} returns.
+    Masks are seeded by --seed, so every epoch scores the same patches, and the training RNG is
+    left as it was (exact resume).  -> ({name_top1 %, name_within1 %, name_distance cells},
+    {name: (probs (M, N), true cells (M,))} of up to `keep` patches of this process, for
+    pictures)."""
+    sums, kept = {}, {}
+    with torch.random.fork_rng([proc.device] if proc.device.type == "cuda" else []):
+        torch.manual_seed(args.seed)
+        for imgs, _ in held_out_batches(data, args, proc, 256):
+            with autocast(proc):
+                groups = predict(imgs)
+            for name, (logits, true, scored) in groups.items():
+                probs, true = logits[scored].float().softmax(-1), true[scored]
+                s, n = position_scores(probs, true, grid), len(true)
+                sums[name] = sums.get(name, 0) + torch.tensor([s["top1"], s["within1"],
+                                                               s["distance"], 1.0]) * n
+                p, t = kept.setdefault(name, ([], []))
+                if sum(map(len, t)) < keep:
+                    p.append(probs.cpu()), t.append(true.cpu())
+    results = {}
+    for name, s in sorted(sums.items()):
+        if proc.world > 1:
+            s = s.to(proc.device)
+            dist.all_reduce(s)
+        top1, within1, distance = (s[:3] / s[3].clamp(min=1)).tolist()
+        results.update({f"{name}_top1": 100 * top1, f"{name}_within1": 100 * within1,
+                        f"{name}_distance": distance})
+    return results, {k: (torch.cat(p)[:keep], torch.cat(t)[:keep]) for k, (p, t) in kept.items() if p}
+
+
+def position_scores(probs, true_pos, grid):
+    """probs: (M, N), only the argmax counts; true_pos: (M,) long, same device; grid: (h, w).
+    Floats: top1, within1 (Chebyshev distance <= 1) as fractions, distance as mean Euclidean
+    cells; chance_*: the same over every (true cell, guess) pair, i.e. a uniform guess."""
+    h, w = grid
+    k = torch.arange(h * w, device=probs.device)
+    xy = torch.stack([k // w, k % w], 1).double()  # (N, 2); float64 so the chances are exact
+    s = {}
+    for pre, d in (("", xy[probs.argmax(1)] - xy[true_pos]), ("chance_", xy[:, None] - xy[None])):
+        d = d.view(-1, 2)  # (M or N*N, 2) row and column offsets of the guess from the truth
+        s |= {pre + "top1": (d == 0).all(1).double().mean().item(),
+              pre + "within1": (d.abs().amax(1) <= 1).double().mean().item(),
+              pre + "distance": d.norm(dim=1).mean().item()}
+    return s
+
+
+def chance_of_grid(grid, name):
+    """What a uniform guess over the grid scores, under held_out_positions' names."""
+    s = position_scores(torch.zeros(1, grid[0] * grid[1]), torch.zeros(1, dtype=torch.long), grid)
+    return {f"{name}_top1": 100 * s["chance_top1"], f"{name}_within1": 100 * s["chance_within1"],
+            f"{name}_distance": s["chance_distance"]}
+
+
+##############################################################################################
+# Part II: what keeps runs safe, and the tools around the loop
+##############################################################################################
+
+
+# ============================================================================================
+# 6. The command line
+# ============================================================================================
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows each flag's default, where it has one, and the default --recipe paper gives it."""
+
+    def _get_help_string(self, action):
+        paper = paper_default_text(action.dest)
+        if not any(action.default is v for v in (None, False, argparse.SUPPRESS)):  # `is`: 0 == False
+            return f"{action.help} (default: %(default)s{paper})"
+        if paper and action.help.endswith(")"):  # a default written into the help: "(default: ...)"
+            return f"{action.help[:-1]}{paper})"
+        return action.help + (f" ({paper[2:]})" if paper else "")
+
+
+def paper_default_text(dest):
+    """'; --recipe paper: X' for --help, per mode where the modes differ; '' for other flags."""
+    values = {mode: RECIPES["paper"][mode][dest] for mode in ("pretrain", "finetune") if dest in RECIPES["paper"][mode]}
+    if not values:
+        return ""
+    if len(set(values.values())) == 1:
+        return f"; --recipe paper: {next(iter(values.values()))}"
+    return f"; --recipe paper: {values['pretrain']} pre-training, {values['finetune']} fine-tuning"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # a typo is bad input like any other: one line, exit code 2
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser():
+    p = Parser(description=__doc__, formatter_class=HelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar10", choices=list(DATASETS),
+                   help="what to train on; synthetic needs no download")
+    g.add_argument("--data-dir", default="data", help="where CIFAR is downloaded to; for imagefolder, "
+                   "the ImageFolder tree (one sub-folder per class) of training images")
+    g.add_argument("--val-dir", help="imagefolder: a held-out ImageFolder tree for k-NN and fine-tuning "
+                   "top-1 (default: every 10th training image is held out)")
+    g.add_argument("--classes", type=int, help="keep only the first K classes (default: all)")
+    g.add_argument("--per-class", type=int, help="keep at most M training images per class (default: all)")
+    g.add_argument("--synthetic-size", type=int, default=2048, help="synthetic: number of training images")
+    g.add_argument("--workers", type=int, help="loader processes for photos (default: 0 on a CPU, where "
+                   "they would compete with the training step for the cores; 8 on a GPU). CIFAR-size "
+                   "sets are held in memory and use none")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="encoder and decoder preset")
+    g.add_argument("--img-size", type=int, help="training resolution (default: 32 for CIFAR and "
+                   "synthetic, 224 for imagefolder)")
+    g.add_argument("--patch-size", type=int, help="patch size (default: 4 at 32 px, else 16)")
+    for name, what in [("dim", "encoder width"), ("depth", "encoder blocks"), ("heads", "encoder heads"),
+                       ("decoder-dim", "decoder width"), ("decoder-depth", "decoder blocks"),
+                       ("decoder-heads", "decoder heads")]:
+        g.add_argument(f"--{name}", type=int, help=f"{what} (default: the preset's)")
+
+    g = p.add_argument_group("method (paper section 3; each ablation is one flag)")
+    g.add_argument("--mask-ratio", type=float, default=0.75, help="γ: share of patches hidden")
+    g.add_argument("--pos-mask-ratio", type=float, default=0.75,
+                   help="γ_pos: share of visible patches whose position embedding is dropped")
+    g.add_argument("--sigma", type=float, default=1.0, help="σ0 of position smoothing (0 = one-hot targets)")
+    g.add_argument("--no-sigma-decay", action="store_true", help="keep σ = σ0 instead of decaying it to 0")
+    g.add_argument("--no-attentive", action="store_true", help="uniform loss weights instead of attentive ones")
+    g.add_argument("--tau", type=float, default=0.1, help="τ: temperature of attentive reconstruction")
+    g.add_argument("--pos-embed", default="sincos", choices=["sincos", "learnable"],
+                   help="fixed 2-D sin-cos position embedding, or a learned one")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--recipe", default="laptop", choices=sorted(RECIPES),
+                   help="laptop: defaults for small runs on a CPU budget. paper: the official DropPos "
+                   "pre-training (its defaults below, the ViT-B decoder at any size, each gradient clipped "
+                   "on its own, [CLS] and [MASK] tokens decayed) and MAE's fine-tuning as DropPos runs it "
+                   "(RandAugment and RandomErasing, a head that pools without the encoder's final norm, 224/256 "
+                   "evaluation crop). Flags you type win over either")
+    g.add_argument("--epochs", type=int, default=100, help="length of the run")
+    g.add_argument("--batch-size", type=int, default=64, help="images per step and process")
+    g.add_argument("--blr", type=float, help="base lr; lr = blr × total batch / 256 (default: 2e-3 "
+                   "for pre-training, 1e-3 for fine-tuning, 1e-2 for the probes)")
+    g.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine")
+    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear lr warm-up")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    g.add_argument("--clip-grad", type=float, default=5.0, help="gradient-norm clipping (0 = none); "
+                   "--recipe paper pre-training clips each parameter's gradient to this norm on its own")
+    g.add_argument("--seed", type=int, default=0, help="seeds data order, augmentation, masking, init")
+
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--finetune", metavar="CHECKPOINT|scratch", help="train a classifier on the encoder of a "
+                   "pre-training run (its checkpoint.pt or encoder.pt), or on a random one ('scratch')")
+    g.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay")
+    g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the last block")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g.add_argument("--mixup", type=float, default=0.8, help="MixUp alpha (0 = off)")
+    g.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0 = off)")
+
+    g = p.add_argument_group("evaluation and probes (any checkpoint: "
+                             "train.py's, the official DropPos "
+                             "code's, MAE's, timm's)")
+    g.add_argument("--evaluate", metavar="CHECKPOINT",
+                   help="train nothing: position top-1, within one cell and distance on the "
+                   "held-out images (with a position head), k-NN, test top-1 (a "
+                   "fine-tuning checkpoint), the picture; evaluation.json and one JSON line")
+    g.add_argument("--location-probe", metavar="CHECKPOINT|random",
+                   help="the paper's location probe: a frozen encoder, every patch visible, the "
+                   "position embeddings of --pos-mask-ratio of "
+                   "them replaced by one learned vector, linear heads predicting positions")
+    g.add_argument("--linear-probe", metavar="CHECKPOINT|random",
+                   help="MAE's linear probe: a frozen "
+                   "encoder, BatchNorm without affine parameters and a linear classifier")
+
+    g = p.add_argument_group("output and evaluation")
+    g.add_argument("--output-dir", help="the run's folder (default: runs/<dataset>-pretrain, "
+                   "runs/<dataset>-scratch or runs/<pre-training run>-finetune, then -paper for --recipe "
+                   "paper and -seedN for seed N > 0)")
+    g.add_argument("--resume", metavar="FOLDER|CHECKPOINT", help="continue the run in FOLDER exactly where it "
+                   "stopped, with the flags it was started with")
+    g.add_argument("--knn-every", type=int, default=10, help="k-NN monitor every N epochs and at the end (0 = off)")
+    g.add_argument("--knn-k", type=int, default=20, help="neighbours of the k-NN monitor")
+    g.add_argument("--knn-t", type=float, default=0.07, help="temperature of the k-NN vote")
+    g.add_argument("--log-every", type=float, default=5.0, help="seconds between progress lines (0 = every step)")
+
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: a GPU if present")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 autocast on a GPU, and on a CPU whose bf16 matmuls beat fp32 ones")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (minutes of start-up)")
+
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--benchmark", action="store_true", help="time training steps and print one JSON line")
+    g.add_argument("--bench-steps", type=int, default=10, help="timed steps")
+    g.add_argument("--bench-warmup", type=int, default=3, help="untimed steps first")
+    return p
+
+# Flags that change nothing a run learns: they may differ on --resume. Every other flag is the run.
+FREE_ON_RESUME = {"resume", "output_dir", "data_dir", "val_dir", "workers", "device", "precision", "compile",
+                  "log_every", "knn_every", "knn_k", "knn_t"}
+
+# What a command does: the flag that chose it (at most one), else pre-training.
+MODES = ("benchmark", "evaluate", "finetune", "location_probe", "linear_probe")
+
+# Flags that apply in some modes only; any other mode refuses them by name.
+MODE_ONLY = [({"mask_ratio", "sigma", "no_sigma_decay", "no_attentive", "tau", "knn_every"},
+              {"pretrain", "benchmark"}),
+             ({"decoder_dim", "decoder_depth", "decoder_heads"},
+              {"pretrain", "benchmark", "evaluate"}),
+             ({"pos_mask_ratio"}, {"pretrain", "benchmark", "location_probe"}),
+             ({"knn_k", "knn_t"}, {"pretrain", "evaluate"}),
+             ({"layer_decay", "drop_path", "smoothing", "mixup", "cutmix"}, {"finetune"}),
+             ({"bench_steps", "bench_warmup"}, {"benchmark"}),
+             ({"epochs", "blr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "compile",
+               "log_every"}, set(MODES) - {"evaluate"} | {"pretrain"})]  # what training is
+
+ENCODER_SHAPE = ("img_size", "patch_size", "dim", "depth", "heads", "pos_embed")
+
+INF = math.inf
+
+LIMITS = {  # flag: (low, high, low allowed, high allowed); NaN fails every comparison, so it is refused too
+    "epochs": (1, INF, True, False), "batch_size": (1, INF, True, False), "synthetic_size": (1, INF, True, False),
+    "workers": (0, INF, True, False), "classes": (1, INF, True, False), "per_class": (1, INF, True, False),
+    "img_size": (1, INF, True, False), "patch_size": (1, INF, True, False), "dim": (1, INF, True, False),
+    "depth": (1, INF, True, False), "heads": (1, INF, True, False), "decoder_dim": (1, INF, True, False),
+    "decoder_depth": (1, INF, True, False), "decoder_heads": (1, INF, True, False),
+    "sigma": (0, INF, True, False), "blr": (0, INF, False, False), "min_lr": (0, INF, True, False),
+    "warmup_epochs": (0, INF, True, False), "weight_decay": (0, INF, True, False),
+    "clip_grad": (0, INF, True, False), "layer_decay": (0, 1, False, True), "drop_path": (0, 1, True, False),
+    "smoothing": (0, 1, True, False), "mixup": (0, INF, True, False), "cutmix": (0, INF, True, False),
+    "knn_every": (0, INF, True, False), "knn_k": (1, INF, True, False), "knn_t": (0, INF, False, False),
+    "log_every": (0, INF, True, False), "bench_steps": (1, INF, True, False), "bench_warmup": (0, INF, True, False),
+}
+
+# --recipe: the defaults a recipe gives, per mode, to the flags the user did not type (`complete_args`);
+# flags missing here keep the parser's default. laptop's are tuned for short CPU runs. paper's
+# pre-training ones are the official DropPos code's (main_pretrain.py, scripts/pretrain_base.sh: the
+# ViT-B decoder dec512d2b whatever the encoder), its fine-tuning ones DropPos's fine-tuning scripts,
+# which run MAE's recipe: no clipping, a floor under the cosine. Entries equal to the parser's
+# default are listed too, so each paper column reads as the whole recipe.
+RECIPES = {
+    "laptop": {"pretrain": dict(blr=2e-3), "finetune": dict(blr=1e-3),
+               "probe": dict(blr=1e-2, weight_decay=0.0)},  # a linear head on frozen features
+    "paper": {"pretrain": dict(blr=1.5e-4, warmup_epochs=10.0, min_lr=0.0, weight_decay=0.05, clip_grad=5.0,
+                               decoder_dim=512, decoder_depth=2, decoder_heads=16),
+              "finetune": dict(blr=1e-3, warmup_epochs=5.0, min_lr=1e-6, weight_decay=0.05, clip_grad=0.0,
+                               layer_decay=0.75, drop_path=0.1, smoothing=0.1, mixup=0.8,
+                               cutmix=1.0),
+              "probe": dict(blr=1e-2, weight_decay=0.0)},  # MAE: LARS, batch 16384; AdamW here
+}
+
+
+def parse_args(argv=None):
+    """The run's flags: the command line checked and completed or, with --resume, the flags the run
+    was started with plus the free ones given now."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = given_flags(parser, argv)
+    if args.resume:
+        args = resumed_args(args, given)
+    else:
+        check_mode_flags(args, given)
+        complete_args(args, given)
+    check_ranges(args)
+    return args
+
+
+def given_flags(parser, argv):
+    """The destinations of the flags actually typed (parsing again with every default suppressed)."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def mode_of(args):
+    """'pretrain', or the mode flag given: 'finetune', 'evaluate', 'location_probe', ..."""
+    return next((m for m in MODES if getattr(args, m, None)), "pretrain")
+
+
+def source_of(args):
+    """The checkpoint the mode starts from; None for pre-training, scratch and random weights."""
+    path = getattr(args, mode_of(args), None)
+    return path if isinstance(path, str) and path not in ("scratch", "random") else None
+
+
+def check_mode_flags(args, given):
+    """Refuse flags that cannot apply to what was asked for, rather than ignore them."""
+    mode = mode_of(args)
+    for other in given & set(MODES) - {mode}:
+        raise UserError(f"{flag(other)} does not apply with {flag(mode)}")
+    for flags, modes in MODE_ONLY:
+        bad = sorted(given & flags) if mode not in modes else []
+        if bad and mode == "pretrain":
+            raise UserError(f"{flag(bad[0])} applies only with "
+                            f"{' or '.join(map(flag, modes - {'pretrain'}))}")
+        if bad:
+            raise UserError(f"{flag(bad[0])} does not apply with {flag(mode)}")
+    if "model" in given and source_of(args):
+        raise UserError(f"--model does not apply with {flag(mode)} "
+                        f"CHECKPOINT: the encoder's shape comes "
+                        f"from the checkpoint")
+
+
+def complete_args(args, given):
+    """Fill the defaults that depend on other flags; a checkpoint to fine-tune decides the encoder."""
+    if source_of(args):
+        take_encoder_shape(args, given)
+    if args.img_size is None:
+        args.img_size = DATASETS[args.dataset]
+        native = first_image_size(args)
+        if native and native != (args.img_size, args.img_size):
+            warn(f"the images in --data-dir are {native[0]}x{native[1]} px, but --{args.dataset} "
+                 f"trains at {args.img_size} px unless told otherwise: pass "
+                 f"--img-size {min(native)} to train "
+                 f"at their size")
+    check_heads(args, given)
+    if args.patch_size is None:
+        args.patch_size = 4 if args.img_size == 32 else 16
+    for name, value in RECIPES[args.recipe].get(recipe_mode(args), {}).items():
+        if name not in given:  # a typed flag wins over the recipe; --benchmark times pre-training
+            setattr(args, name, value)
+    if args.workers is None:
+        args.workers = default_workers(args.device)
+    if args.output_dir is None:
+        args.output_dir = str(Path("runs") / default_run_name(args))
+
+
+def first_image_size(args):
+    """(width, height) of the first image of an ImageFolder --data-dir; None when there is none."""
+    if args.dataset != "imagefolder" or not Path(args.data_dir).is_dir():
+        return None
+    for folder in sorted(d for d in Path(args.data_dir).iterdir() if d.is_dir()):
+        for path in sorted(folder.iterdir()):
+            try:
+                with Image.open(path) as im:
+                    return im.size
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                continue
+    return None
+
+
+def check_heads(args, given):
+    """A typed --heads that splits a preset's width differently from that preset is most likely a
+    slip: the weights load either way, but the encoder computes something else."""
+    dim = args.dim or PRESETS[args.model]["dim"]
+    heads = args.heads or PRESETS[args.model]["heads"]
+    if dim % heads:
+        return  # refused when the model is built: the width must split into equal heads
+    preset = next((name for name, p in PRESETS.items() if p["dim"] == dim), None)
+    if "heads" in given and preset and PRESETS[preset]["heads"] != heads:
+        warn(f"--heads {heads} splits width {dim} into heads of "
+             f"{dim // heads}; ViT-{preset.title()} "
+             f"(width {dim}) has {PRESETS[preset]['heads']} of {dim // PRESETS[preset]['heads']}")
+
+
+def default_workers(device):
+    return 8 if torch.cuda.is_available() and device != "cpu" else 0
+
+
+def recipe_mode(args):
+    """Which column of RECIPES a mode reads: probes have their own; --benchmark times
+    pre-training."""
+    mode = mode_of(args)
+    return "probe" if mode.endswith("probe") else "pretrain" if mode == "benchmark" else mode
+
+
+def default_run_name(args):
+    """Different runs get different default folders: fine-tuning from scratch, from one
+    pre-training run and from another, under another recipe or seed, never share one."""
+    mode, source = mode_of(args), source_of(args)
+    if mode == "pretrain":
+        name = f"{args.dataset}-pretrain"
+    elif mode == "finetune" and not source:
+        name = f"{args.dataset}-scratch"
+    else:  # <run>-finetune, <run>-evaluate, <dataset>-random-location-probe, ...
+        origin = Path(source).resolve().parent.name if source else f"{args.dataset}-random"
+        name = f"{origin}-{mode.replace('_', '-')}"
+    return name + (f"-{args.recipe}" if args.recipe != "laptop" else "") + (f"-seed{args.seed}" if args.seed else "")
+
+
+def check_ranges(args):
+    for name, (lo, hi, lo_ok, hi_ok) in LIMITS.items():
+        v = getattr(args, name)
+        if v is None:
+            continue
+        if not ((v >= lo if lo_ok else v > lo) and (v <= hi if hi_ok else v < hi)):
+            allowed = (f"{'>=' if lo_ok else '>'} {lo}" if hi == INF else
+                       f"in {'[' if lo_ok else '('}{lo}, {hi}{']' if hi_ok else ')'}")
+            raise UserError(f"{flag(name)} must be {allowed}, got {v}")
+
+
+# ============================================================================================
+# 7. Checkpoints from anywhere
+# ============================================================================================
 
 
 def load_checkpoint(path):
@@ -854,10 +1410,11 @@ class Imported(NamedTuple):
     arch: dict          # what the file's arch name tells (arch_facts), {} without one
     extra: dict         # "ignored" / "missing" key prefixes, and facts from a Namespace
 
-
 _ENCODER = ("cls_token", "pos_embed", "patch_embed", "blocks", "norm")
+
 _DECODER = {"decoder_embed": "decoder.embed", "decoder_blocks": "decoder.blocks",
             "decoder_norm": "decoder.norm", "decoder_pred": "decoder.head"}
+
 _NAMESPACE_FACTS = ("input_size", "mask_ratio", "pos_mask_ratio")  # argument names of main_*.py
 
 
@@ -980,7 +1537,6 @@ def resize_pos_embed(pos, grid, kind):
         patches = square.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(pos.dtype)
     return torch.cat([pos[:, :1], patches], dim=1)
 
-
 # (dim, depth, heads) of the ViT sizes; tiny is DeiT's, the others are in both repos' models.
 _SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
           "large": (1024, 24, 16), "huge": (1280, 32, 16)}
@@ -998,6 +1554,7 @@ def arch_facts(name):
     if m[2]:  # a pre-training model; without a dec suffix it is the "recommended" dec512d8b alias
         facts.update(decoder_dim=int(m[5] or 512), decoder_depth=int(m[6] or 8), decoder_heads=16)
     return facts
+
 
 @functools.lru_cache(maxsize=2)
 def _imported(path, stamp):  # stamp: the mtime, so a file written anew is read anew
@@ -1071,6 +1628,50 @@ def load_encoder(encoder, args):
     kind = "learnable" if encoder.pos_embed.requires_grad else "sincos"
     state["pos_embed"] = resize_pos_embed(state["pos_embed"], encoder.grid, kind)
     load_state(encoder, state, f"the encoder in {path!r}")
+
+
+# ============================================================================================
+# 8. The run folder: one live run, whole files, exact resume
+# ============================================================================================
+
+
+def resumed_args(args, given):
+    """The flags a run was started with, from its checkpoint; a typed flag that would change the
+    run is refused by name, the free ones (FREE_ON_RESUME) replace the saved ones."""
+    path = checkpoint_path(args.resume)
+    ck = load_training_checkpoint(path)
+    saved = dict(vars(build_parser().parse_args([])), **ck["args"])
+    for name in sorted(given - FREE_ON_RESUME):
+        if getattr(args, name) != saved[name]:
+            raise UserError(f"{flag(name)} would change the run in {str(path.parent)!r}: it was started with "
+                            f"{saved[name]!r}, you gave {getattr(args, name)!r}. Drop the flag to continue the "
+                            f"run as it was, or start a new run with another --output-dir")
+    merged = argparse.Namespace(**saved)
+    for name in given & FREE_ON_RESUME:
+        setattr(merged, name, getattr(args, name))
+    if "output_dir" in given and Path(args.output_dir).resolve() != path.parent.resolve():
+        raise UserError(f"--resume continues the run in its own folder {str(path.parent)!r}; drop --output-dir")
+    if "workers" not in given:
+        merged.workers = default_workers(merged.device)
+    merged.output_dir, merged.resume = str(path.parent), str(path)
+    return merged
+
+
+def checkpoint_path(resume):
+    """The checkpoint --resume names; a folder without one is explained, not just 'missing'."""
+    path = Path(resume)
+    if not path.is_dir():
+        return path
+    if (path / "checkpoint.pt").exists():
+        return path / "checkpoint.pt"
+    owner = live_owner(path)
+    if owner:
+        raise UserError(f"{str(path)!r} holds no checkpoint yet: its run "
+                        f"is still in its first epoch "
+                        f"({owner}) and writes one when the epoch ends")
+    if (path / "metrics.jsonl").exists() or (path / ".checkpoint.pt.tmp").exists():
+        raise UserError(stopped_before_a_checkpoint(path))
+    raise UserError(f"{str(path)!r} holds no run (no checkpoint.pt)")
 
 
 def load_training_checkpoint(path):
@@ -1344,8 +1945,9 @@ class RunFolder:
 
 
 # ============================================================================================
-# 5. Processes and devices: torchrun, precision, stopping together
+# 9. Processes and devices: torchrun, precision, stopping together
 # ============================================================================================
+
 
 class Proc(NamedTuple):
     """This process: rank and world size under torchrun (0 and 1 alone), device, precision."""
@@ -1475,81 +2077,8 @@ class StopRequest:
 
 
 # ============================================================================================
-# 6. Data
+# 10. Images: photos, synthetic ones, unreadable ones, augmentation
 # ============================================================================================
-
-class Data:
-    """The training stream (None for --evaluate, which trains nothing), the held-out images (None
-    where there are none), the class count."""
-
-    def __init__(self, args, proc):
-        self.train, self.held_out, self.num_classes = load_datasets(args)
-        training = mode_of(args) != "evaluate"
-        if training and len(self.train) < args.batch_size * proc.world:
-            raise UserError(f"the training set has {len(self.train)} images, fewer than one batch "
-                            f"({args.batch_size} × {proc.world} processes); lower --batch-size")
-        self.args = args
-        self.per_class = self.class_counts()
-        if proc.rank == 0:
-            self.warn_about_classes()
-        self.stream = (TrainStream(self.train, args, proc.rank, proc.world, mode_of(args), proc.device)
-                       if training else None)
-
-    def class_counts(self):
-        """Training images per class, for every class the run has (0 for a class with none)."""
-        targets = targets_of(self.train.dataset)
-        counts = [0] * self.num_classes
-        for i in self.train.indices:
-            counts[targets[i]] += 1
-        return counts
-
-    def warn_about_classes(self):
-        """Set-ups that train without complaint but are almost certainly not what was meant."""
-        names = getattr(self.train.dataset,
-                        "classes", None) or [str(c) for c in range(self.num_classes)]
-        if self.num_classes == 1:
-            warn("the data has one class: k-NN and fine-tuning top-1 are 100 % whatever is learned")
-        empty = [names[c] for c, n in enumerate(self.per_class) if n == 0]
-        if empty:
-            warn(f"{len(empty)} class(es) have no training image (e.g. {empty[0]!r}): the held-out "
-                 f"images of such a class cannot be classified right")
-        splits = sorted({n.lower() for n in names} & {"train", "training", "test", "val", "valid",
-                                                     "validation"})
-        if splits:
-            warn(f"the class folders of --data-dir are named like splits ({', '.join(splits)}): "
-                 f"--data-dir should be the training split itself, e.g. --data-dir "
-                 f"{Path(self.args.data_dir) / splits[-1]}")
-
-    def describe(self):
-        """The start-up line's account of the data."""
-        a, (h, w) = self.args, droppos.grid_size(self.args.img_size, self.args.patch_size)
-        return (f"{len(self.stream.data)} images in {self.num_classes} classes "
-                f"({min(self.per_class)}-{max(self.per_class)} per class), {a.img_size} px, "
-                f"patch {a.patch_size}, grid {h}x{w}")
-
-    def picture_images(self):
-        """8 held-out images for reassembly.png, spread over the set: folders list their images
-        class by class, so the first 8 would often be of one class. Unreadable ones are left out."""
-        if self.held_out is None:
-            return None
-        tf, imgs = eval_transform(self.args.img_size, eval_crop_pct(self.args)), []
-        for i in range(0, len(self.held_out), max(len(self.held_out) // 8, 1)):
-            img = self.held_out[i][0]
-            if isinstance(img, str):
-                warn_unreadable([img])
-            else:
-                imgs.append(tf(img))
-            if len(imgs) == 8:
-                break
-        return torch.stack(imgs) if imgs else None
-
-
-def mix_seed(*parts):
-    """One 63-bit seed from several integers, different for different tuples in practice."""
-    h = 0
-    for p in parts:
-        h = (h * 1_000_003 + p) % 2 ** 63
-    return h
 
 
 class SyntheticImages(Dataset):
@@ -1582,6 +2111,25 @@ class SyntheticImages(Dataset):
         return v2.functional.to_pil_image(img.clamp(0, 1)), label
 
 
+def load_imagefolder(args):
+    def folder(path, option):
+        if not Path(path).is_dir():
+            raise UserError(f"{option} folder {str(path)!r} does not exist")
+        try:
+            return torchvision.datasets.ImageFolder(str(path), loader=open_image)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise UserError(f"{option} folder {str(path)!r} holds no images in class sub-folders ({e})") from None
+
+    train = folder(args.data_dir, "--data-dir")
+    if not args.val_dir:
+        return train, None
+    val = folder(args.val_dir, "--val-dir")
+    n = len(train.classes) if args.classes is None else args.classes
+    if val.classes[:n] != train.classes[:n]:
+        raise UserError(f"--val-dir classes {val.classes[:5]}... differ from --data-dir classes {train.classes[:5]}...")
+    return train, val
+
+
 def open_image(path):
     """ImageFolder's loader: the image as RGB or, when it cannot be decoded (truncated, empty, not
     an image), its path, so that the batch goes on without it and the warning can name it."""
@@ -1590,7 +2138,6 @@ def open_image(path):
             return im.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return str(path)
-
 
 WARNINGS = []  # said once the set-up has passed every check, just before the work starts
 
@@ -1605,7 +2152,6 @@ def say_warnings():
     if WARNINGS:
         print("\n".join(WARNINGS), file=sys.stderr, flush=True)
     WARNINGS.clear()
-
 
 _warned = set()
 
@@ -1644,11 +2190,6 @@ class SeededTransform(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(mix_seed(self.seed, self.epoch, i))
             return self.transform(img), label
-
-
-def crop_scale(finetune):
-    # Paper: RandomResizedCrop(scale 0.2-1) + flip for pre-training; MAE fine-tuning crops from 0.08.
-    return (0.08 if finetune else 0.2, 1.0)
 
 
 def train_transform(size, finetune=False, mae_augment=False):
@@ -1719,496 +2260,9 @@ def eval_transform(size, crop_pct=1.0):
                        v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 
-def load_datasets(args):
-    """(train, held_out, num_classes), untransformed, cut to --classes / --per-class."""
-    if args.dataset == "synthetic":
-        train = SyntheticImages(args.synthetic_size, args.img_size, args.seed)
-        held_out = SyntheticImages(max(args.synthetic_size // 5, 10), args.img_size, args.seed + 1)
-    elif args.dataset in ("cifar10", "cifar100"):
-        train, held_out = load_cifar(args)
-    else:
-        train, held_out = load_imagefolder(args)
-    num_classes = len(set(targets_of(train)))
-    if args.classes:
-        num_classes = min(num_classes, args.classes)
-    keep = take_classes(targets_of(train), args.classes, args.per_class)
-    if held_out is None:  # a deterministic hold-out: every 10th kept image
-        held_out, keep = Subset(train, keep[::10]), [i for j, i in enumerate(keep) if j % 10]
-    else:
-        held_out = Subset(held_out, take_classes(targets_of(held_out), args.classes, None))
-    if len(held_out) == 0:
-        raise UserError("the held-out set has no images of the kept classes (--val-dir, --classes)")
-    return Subset(train, keep), held_out, num_classes
-
-
-def targets_of(ds):
-    return ds.targets if hasattr(ds, "targets") else [c for _, c in ds.samples]
-
-
-def take_classes(targets, classes, per_class):
-    """Indices of the images of the first `classes` classes, at most `per_class` each, in order."""
-    keep, seen = [], {}
-    for i, c in enumerate(targets):
-        if (classes is None or c < classes) and seen.get(c, 0) < (per_class or INF):
-            seen[c] = seen.get(c, 0) + 1
-            keep.append(i)
-    return keep
-
-
-def load_cifar(args):
-    """CIFAR-10/100 from --data-dir, downloaded there if absent. A failed download leaves nothing
-    behind; an archive already there that fails its checksum is named as such."""
-    cls = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
-    root, archive = Path(args.data_dir), Path(args.data_dir) / cls.filename
-    if archive.exists() and not torchvision.datasets.utils.check_integrity(str(archive),
-                                                                           cls.tgz_md5):
-        raise UserError(f"{str(archive)!r} is corrupt or incomplete (its "
-                        f"MD5 checksum does not match); "
-                        f"delete it and run again to download it, or put a good copy there")
-    before = set(root.rglob("*")) if root.exists() else None
-    try:
-        return cls(args.data_dir, train=True, download=True), cls(args.data_dir, train=False, download=True)
-    except Exception as e:  # network, disk or archive: all end the same way for the user
-        if before is None:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            for p in sorted(set(root.rglob("*")) - before, reverse=True):  # files before folders
-                p.rmdir() if p.is_dir() else p.unlink()
-        why = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"could not get {args.dataset} into {args.data_dir!r} ({type(e).__name__}: {why}). "
-                        f"Download {cls.filename} from https://www.cs.toronto.edu/~kriz/cifar.html "
-                        f"and put it in {args.data_dir!r} (or pass --data-dir), or "
-                        f"use --dataset synthetic, which "
-                        f"works offline") from None
-
-
-def load_imagefolder(args):
-    def folder(path, option):
-        if not Path(path).is_dir():
-            raise UserError(f"{option} folder {str(path)!r} does not exist")
-        try:
-            return torchvision.datasets.ImageFolder(str(path), loader=open_image)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise UserError(f"{option} folder {str(path)!r} holds no images in class sub-folders ({e})") from None
-
-    train = folder(args.data_dir, "--data-dir")
-    if not args.val_dir:
-        return train, None
-    val = folder(args.val_dir, "--val-dir")
-    n = len(train.classes) if args.classes is None else args.classes
-    if val.classes[:n] != train.classes[:n]:
-        raise UserError(f"--val-dir classes {val.classes[:5]}... differ from --data-dir classes {train.classes[:5]}...")
-    return train, val
-
-
-class SkipSampler(torch.utils.data.Sampler):
-    """A distributed, seeded shuffle per epoch that can start part-way through (mid-epoch resume)."""
-
-    def __init__(self, dataset, rank, world, seed):
-        self.inner = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
-        self.skip = 0
-
-    def set_epoch(self, epoch, skip=0):
-        self.inner.set_epoch(epoch)
-        self.skip = skip
-
-    def __iter__(self):
-        return iter(list(self.inner)[self.skip:])
-
-    def __len__(self):
-        return len(self.inner) - self.skip
-
-
-def decode_in_memory(dataset, size, limit_bytes=2 ** 31):
-    """A CIFAR-size training set as one uint8 tensor (M, 3, size, size), its labels (M,) and the
-    paths of the images that could not be read (left out, and named in a warning).
-
-    None when the images are larger than 64 px, not already size×size, or would fill more than
-    2 GiB: such photos are cropped one by one from their full resolution instead.
-    """
-    if size > 64 or len(dataset) * 3 * size * size > limit_bytes:
-        return None
-    base, idx = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, range(len(dataset)))
-    if isinstance(base, torchvision.datasets.CIFAR10):  # CIFAR-100 too: it subclasses CIFAR-10
-        idx = torch.as_tensor(list(idx), dtype=torch.long)
-        return (torch.from_numpy(base.data).permute(0, 3, 1, 2)[idx].contiguous(),
-                torch.tensor(base.targets)[idx], [])
-    images = torch.empty(len(dataset), 3, size, size, dtype=torch.uint8)
-    labels = torch.empty(len(dataset), dtype=torch.long)
-    n, bad = 0, []
-    for i in range(len(dataset)):
-        img, label = dataset[i]
-        if isinstance(img, str):
-            bad.append(img)
-            continue
-        if img.size != (size, size):
-            return None
-        images[n], labels[n] = v2.functional.pil_to_tensor(img), label
-        n += 1
-    warn_unreadable(bad)
-    return images[:n], labels[:n], bad
-
-
-def random_crop_boxes(n, height, width, scale, generator, ratio=(3 / 4, 4 / 3), tries=10):
-    """RandomResizedCrop's boxes for n images at once.  -> (n, 4) float: top, left, height, width.
-
-    As torchvision draws them: area share uniform in `scale`, aspect ratio log-uniform in `ratio`,
-    the first of `tries` draws that fits inside the image, else the whole image (torchvision's
-    fallback for a square image), and a uniformly placed top-left corner.
-    """
-    area = torch.empty(n, tries).uniform_(*scale, generator=generator) * height * width
-    aspect = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
-    w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
-    fits = (w >= 1) & (w <= width) & (h >= 1) & (h <= height)
-    first = fits.int().argmax(1, keepdim=True)  # the first draw that fits
-    any_fit = fits.any(1)
-    h = torch.where(any_fit, h.gather(1, first)[:, 0], float(height))
-    w = torch.where(any_fit, w.gather(1, first)[:, 0], float(width))
-    top = (torch.rand(n, generator=generator) * (height - h + 1)).floor()
-    left = (torch.rand(n, generator=generator) * (width - w + 1)).floor()
-    return torch.stack([top, left, h, w], dim=1)
-
-
-def resample_crops(imgs, boxes, flip, size):
-    """Every image's box resized to size×size (bicubic) in one grid_sample call, mirrored where
-    flip.  imgs: (B, C, H, W) float; boxes: (B, 4) as `random_crop_boxes`; flip: (B,) bool."""
-    B, C, H, W = imgs.shape
-    top, left, h, w = boxes.unbind(1)
-    # affine_grid maps output coordinates in [-1, 1] (pixel edges, align_corners=False) to input
-    # coordinates: the output's edges land on the box's edges.
-    theta = torch.zeros(B, 2, 3)
-    theta[:, 0, 0] = torch.where(flip, -w / W, w / W)
-    theta[:, 0, 2] = (2 * left + w) / W - 1
-    theta[:, 1, 1] = h / H
-    theta[:, 1, 2] = (2 * top + h) / H - 1
-    grid = F.affine_grid(theta.to(imgs.device), [B, C, size, size], align_corners=False)
-    return F.grid_sample(imgs, grid, mode="bicubic", padding_mode="border", align_corners=False)
-
-
-def _mean_std(device):
-    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1),
-            torch.tensor(STD, device=device).view(1, 3, 1, 1))
-
-
-def normalize(imgs):
-    """(B, 3, H, W) in [0, 1] -> ImageNet-normalised, as the per-image transforms do."""
-    mean, std = _mean_std(imgs.device)
-    return (imgs - mean) / std
-
-
-def denormalize(imgs):
-    """Inverse of `normalize`, clamped to [0, 1] for display."""
-    mean, std = _mean_std(imgs.device)
-    return (imgs * std + mean).clamp(0, 1)
-
-
-def augment_batch(imgs, size, scale, generator):
-    """`train_transform` for a whole uint8 batch (B, 3, S, S) on its device: RandomResizedCrop,
-    horizontal flip, normalisation.  -> (B, 3, size, size) float."""
-    B, _, H, W = imgs.shape
-    boxes = random_crop_boxes(B, H, W, scale, generator)
-    flip = torch.rand(B, generator=generator) < 0.5
-    # Bicubic overshoots; clamping matches what resampling 8-bit images gives.
-    return normalize(resample_crops(imgs.float() / 255, boxes, flip, size).clamp(0, 1))
-
-
-class TrainStream:
-    """This process's training batches for an epoch: augmented, normalised, on the device.
-
-    CIFAR-size sets are decoded once into memory and each batch is augmented in one resampling
-    call on the device (~1 ms of PIL work per image saved); photos are cropped one by one from
-    their full resolution by `SeededTransform`. Both seed the augmentation by (seed, epoch, batch
-    or image), so a resumed run sees exactly the crops of an uninterrupted one. Unreadable images
-    are left out with a warning that names them, and counted.
-    """
-
-    def __init__(self, train_set, args, rank, world, mode, device):
-        self.size, self.seed, self.rank, self.device = args.img_size, args.seed, rank, device
-        finetune = mode != "pretrain"  # probes augment as fine-tuning does (MAE's linear probe)
-        self.scale = crop_scale(finetune)
-        # augment_batch can crop and flip but not RandAugment or RandomErasing, so MAE's fine-tuning
-        # augmentation (--recipe paper) takes the per-image path even for CIFAR-size sets. Exact resume
-        # holds there too: SeededTransform seeds each image by (seed, epoch, index).
-        mae_augment = mode == "finetune" and args.recipe == "paper"
-        stored = None if mae_augment else decode_in_memory(train_set, args.img_size)
-        self.in_memory = stored is not None
-        if self.in_memory:
-            images, labels, self.bad_at_start = stored
-            self.data = torch.utils.data.TensorDataset(images, labels)
-            collate = None
-        else:
-            self.bad_at_start = []
-            self.data = SeededTransform(train_set, train_transform(args.img_size, finetune, mae_augment), args.seed)
-            collate = collate_readable
-        self.skipped = 0  # unreadable images met this epoch by this process
-        # Indexing a tensor needs no loader processes: they would only compete for the cores. The
-        # generator keeps the loader from drawing its seed from the global RNG (exact resume).
-        self.loader = DataLoader(self.data, args.batch_size, sampler=SkipSampler(self.data, rank, world, args.seed),
-                                 num_workers=0 if self.in_memory else args.workers, drop_last=True,
-                                 collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))
-        self.steps = len(self.loader)  # per epoch
-
-    def epoch(self, epoch, start_step=0):
-        """Yields (step, (images, labels)) on the device for the steps of `epoch` from start_step on."""
-        self.loader.sampler.set_epoch(epoch, skip=start_step * self.loader.batch_size)
-        self.skipped = 0
-        if not self.in_memory:
-            self.data.epoch = epoch
-        for step, batch in enumerate(self.loader, start_step):
-            if self.in_memory:
-                imgs, labels = batch
-                g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, step, self.rank))
-                imgs = augment_batch(imgs.to(self.device, non_blocking=True), self.size, self.scale, g)
-            else:
-                imgs, labels, bad = batch
-                warn_unreadable(bad)
-                self.skipped += len(bad)
-                if imgs is None:
-                    raise UserError(f"every image of a batch was unreadable, e.g. {bad[0]}")
-                imgs = imgs.to(self.device, non_blocking=True)
-            yield step, (imgs, labels.to(self.device, non_blocking=True))
-
-    def left_out(self, proc):
-        """Unreadable training images left out of the epoch that just ended, over all processes."""
-        n = self.skipped + (len(self.bad_at_start) if proc.rank == 0 else 0)
-        if proc.world > 1:
-            t = torch.tensor([float(n)], device=proc.device)
-            dist.all_reduce(t)
-            n = int(t.item())
-        return n
-
-
 # ============================================================================================
-# 7. Optimisation
+# 11. --evaluate
 # ============================================================================================
-
-def laptop_no_decay(name, p):
-    """laptop: no weight decay on biases, norms, tokens ([CLS], [MASK]) and position embeddings."""
-    return p.ndim <= 1 or name.endswith(("token", "pos_embed"))
-
-
-def paper_pretrain_no_decay(name, p):
-    """paper pre-training: timm's add_weight_decay without a skip list (official main_pretrain.py):
-    only 1-D parameters and biases, so the (1, 1, D) cls_token and mask_pos_token are decayed."""
-    return p.ndim <= 1 or name.endswith(".bias")
-
-
-def paper_finetune_no_decay(name, p):
-    """paper fine-tuning: MAE's param_groups_lrd: 1-D parameters and the ViT's no_weight_decay()
-    names, pos_embed and cls_token (under 'encoder.' in a Classifier)."""
-    return p.ndim <= 1 or name.removeprefix("encoder.") in ("pos_embed", "cls_token")
-
-
-def no_decay_rule(recipe, mode):
-    """The rule (name, param) -> True for the parameters AdamW leaves undecayed."""
-    if recipe == "laptop":
-        return laptop_no_decay
-    return paper_pretrain_no_decay if mode == "pretrain" else paper_finetune_no_decay
-
-
-def param_groups(model, weight_decay, lr_scale=None, no_decay=laptop_no_decay):
-    """AdamW groups: no weight decay where no_decay(name, param) says so (`no_decay_rule`), and,
-    for fine-tuning, an lr scale per parameter (layer-wise decay). Frozen parameters are left out."""
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = bool(no_decay(name, p))
-        scale = lr_scale(name) if lr_scale else 1.0
-        groups.setdefault((skip, scale), {"params": [], "weight_decay": 0.0 if skip else weight_decay,
-                                          "lr_scale": scale})["params"].append(p)
-    return list(groups.values())
-
-
-def make_optimizer(groups, betas, device, lr=1e-4):  # the loop sets each step's lr
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type in ("cuda", "cpu"))
-
-
-def optimizer_step(model, optimizer, loss, clip_grad, per_parameter=False):
-    """Backward, clip the gradient norm (0 = no clipping), update. The norm is all gradients'
-    together or, per_parameter (`per_parameter_clip`), each gradient's own."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip_grad > 0:
-        (clip_each_gradient if per_parameter else nn.utils.clip_grad_norm_)(model.parameters(), clip_grad)
-    optimizer.step()
-
-
-def per_parameter_clip(recipe, mode):
-    """Whether clipping bounds each gradient on its own: only the official DropPos pre-training
-    does (util/utils.py clip_gradients). MAE's fine-tuning, when asked to clip, clips the joint norm."""
-    return recipe == "paper" and mode == "pretrain"
-
-
-def clip_each_gradient(params, max_norm):
-    """g *= min(1, max_norm / (‖g‖ + 1e-6)) for each gradient on its own, as the official
-    clip_gradients: a large gradient in one layer no longer shrinks every other layer's update, as
-    one joint norm would. Nothing is read back to the host."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        norms = torch.stack([g.detach().norm(2) for g in grads])
-        for g, scale in zip(grads, (max_norm / (norms + 1e-6)).clamp(max=1.0)):
-            g.mul_(scale)
-
-
-def lr_at(step, total, warmup, base_lr, min_lr):
-    """Linear warm-up, then half-cosine to min_lr, per optimiser step."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    t = (step - warmup) / max(total - warmup, 1)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
-def layer_id(name, depth):
-    """Depth of a fine-tuning parameter for layer-wise lr decay: embeddings 0, block i → i+1."""
-    if name.startswith("encoder.") and name.split(".")[1] in ("cls_token", "pos_embed", "patch_embed"):
-        return 0
-    if name.startswith("encoder.blocks."):
-        return int(name.split(".")[2]) + 1
-    return depth + 1
-
-
-# ============================================================================================
-# 8. Evaluation: k-NN, classification top-1, position scores, --evaluate, the pictures
-# ============================================================================================
-
-def held_out_batches(data, args, proc, batch_size):
-    """This process's share of the held-out images, unaugmented, as (images, labels) on the device."""
-    ds = SeededTransform(data.held_out, eval_transform(args.img_size, eval_crop_pct(args)), 0)
-    return readable_batches(Subset(ds, range(proc.rank, len(ds), proc.world)), batch_size, args, proc)
-
-
-def readable_batches(ds, batch_size, args, proc):
-    for imgs, labels, bad in DataLoader(ds, batch_size, num_workers=args.workers, collate_fn=collate_readable):
-        warn_unreadable(bad)
-        if imgs is not None:
-            yield imgs.to(proc.device, non_blocking=True), labels.to(proc.device, non_blocking=True)
-
-
-@torch.no_grad()
-def extract_features(encoder, batches, proc):
-    """L2-normalised average of the encoder's patch tokens per image, from every process.  -> (M, D), (M,)."""
-    feats = [torch.zeros(0, encoder.dim, device=proc.device)]  # so that a process with no images still gathers
-    labels = [torch.zeros(0, dtype=torch.long, device=proc.device)]
-    for imgs, y in batches:
-        with autocast(proc):
-            f = encoder.forward_features(imgs)[:, 1:].mean(1)
-        feats.append(F.normalize(f.float(), dim=-1))
-        labels.append(y)
-    feats, labels = torch.cat(feats), torch.cat(labels)
-    if proc.world == 1:
-        return feats, labels
-    # Shares differ by a few images: pad to the longest, gather, cut the padding off again.
-    n = torch.tensor([len(feats)], device=proc.device)
-    sizes = [torch.zeros_like(n) for _ in range(proc.world)]
-    dist.all_gather(sizes, n)
-    longest = int(max(s.item() for s in sizes))
-    pad = lambda t: torch.cat([t, t.new_zeros(longest - len(t), *t.shape[1:])])
-    all_f = [torch.zeros(longest, encoder.dim, device=proc.device) for _ in sizes]
-    all_y = [torch.zeros(longest, dtype=torch.long, device=proc.device) for _ in sizes]
-    dist.all_gather(all_f, pad(feats))
-    dist.all_gather(all_y, pad(labels))
-    keep = [slice(0, int(s.item())) for s in sizes]
-    return torch.cat([f[k] for f, k in zip(all_f, keep)]), torch.cat([y[k] for y, k in zip(all_y, keep)])
-
-
-def knn_classify(train_feats, train_labels, test_feats, num_classes, k=20, t=0.07, chunk=512):
-    """Weighted k-NN vote (DINO): each of the k most cosine-similar training features votes for
-    its label with weight exp(sim / t).  Features must be L2-normalised.  -> (M_test,) labels."""
-    preds = []
-    for q in test_feats.split(chunk):
-        sim, idx = (q @ train_feats.T).topk(min(k, train_feats.shape[0]), dim=1)  # (m, k)
-        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
-        votes.scatter_add_(1, train_labels[idx], (sim / t).exp())
-        preds.append(votes.argmax(1))
-    return torch.cat(preds)
-
-
-def run_knn(encoder, data, args, proc):
-    """k-NN top-1 (%) of the encoder's features on the held-out images, the training images as
-    the bank. Every process embeds its share of both, so none waits idle in a collective."""
-    encoder.eval()
-    train_ds = SeededTransform(data.train, eval_transform(args.img_size, eval_crop_pct(args)), 0)
-    shard = Subset(train_ds, range(proc.rank, len(train_ds), proc.world))
-    bank_f, bank_y = extract_features(encoder, readable_batches(shard, 256, args, proc), proc)
-    test_f, test_y = extract_features(encoder, held_out_batches(data, args, proc, 256), proc)
-    encoder.train()
-    pred = knn_classify(bank_f, bank_y, test_f, data.num_classes, args.knn_k, args.knn_t)
-    return 100.0 * (pred == test_y).float().mean().item()
-
-
-@torch.no_grad()
-def evaluate_classifier(model, data, args, proc):
-    """Top-1 (%) on the held-out images, split across processes."""
-    model.eval()
-    counts = torch.zeros(2, device=proc.device)  # right, seen
-    for imgs, y in held_out_batches(data, args, proc, args.batch_size):
-        with autocast(proc):
-            logits = model(imgs)
-        counts[0] += (logits.argmax(-1) == y).sum()
-        counts[1] += len(y)
-    if proc.world > 1:
-        dist.all_reduce(counts)
-    model.train()
-    return 100.0 * (counts[0] / counts[1].clamp(min=1)).item()
-
-
-def head_positions(model, data, args, proc):
-    """The DropPos position head on the held-out images, without the loss or its attentive pass:
-    the scores of the patches whose position was dropped (test_pos_*) and what the picture draws."""
-    def predict(imgs):
-        tokens, ids_keep, dropped = model.embed_visible(imgs)
-        return {"test_pos": (model.decoder(model.encoder.encode(tokens)), ids_keep, dropped)}
-    return held_out_positions(predict, data, args, proc, model.grid)
-
-
-def probe_positions(probe, data, args, proc):
-    """The location probe on the held-out images: its measure and its control."""
-    def predict(imgs):
-        head, control, dropped = probe(imgs)
-        truth = torch.arange(head.shape[1], device=imgs.device).expand(len(imgs), -1)
-        return {"probe": (head, truth, dropped), "control": (control, truth, ~dropped)}
-    return held_out_positions(predict, data, args, proc, probe.encoder.grid, keep=0)[0]
-
-
-@torch.no_grad()
-def held_out_positions(predict, data, args, proc, grid, keep=20_000):
-    """Position scores over the held-out images (every process its share), for each group that
-    predict(imgs) -> {name: (logits (B, n, N), true cells (B, n), scored (B, n) bool)} returns.
-    Masks are seeded by --seed, so every epoch scores the same patches, and the training RNG is
-    left as it was (exact resume).  -> ({name_top1 %, name_within1 %, name_distance cells},
-    {name: (probs (M, N), true cells (M,))} of up to `keep` patches of this process, for
-    pictures)."""
-    sums, kept = {}, {}
-    with torch.random.fork_rng([proc.device] if proc.device.type == "cuda" else []):
-        torch.manual_seed(args.seed)
-        for imgs, _ in held_out_batches(data, args, proc, 256):
-            with autocast(proc):
-                groups = predict(imgs)
-            for name, (logits, true, scored) in groups.items():
-                probs, true = logits[scored].float().softmax(-1), true[scored]
-                s, n = position_scores(probs, true, grid), len(true)
-                sums[name] = sums.get(name, 0) + torch.tensor([s["top1"], s["within1"],
-                                                               s["distance"], 1.0]) * n
-                p, t = kept.setdefault(name, ([], []))
-                if sum(map(len, t)) < keep:
-                    p.append(probs.cpu()), t.append(true.cpu())
-    results = {}
-    for name, s in sorted(sums.items()):
-        if proc.world > 1:
-            s = s.to(proc.device)
-            dist.all_reduce(s)
-        top1, within1, distance = (s[:3] / s[3].clamp(min=1)).tolist()
-        results.update({f"{name}_top1": 100 * top1, f"{name}_within1": 100 * within1,
-                        f"{name}_distance": distance})
-    return results, {k: (torch.cat(p)[:keep], torch.cat(t)[:keep]) for k, (p, t) in kept.items() if p}
-
-
-def chance_of_grid(grid, name):
-    """What a uniform guess over the grid scores, under held_out_positions' names."""
-    s = position_scores(torch.zeros(1, grid[0] * grid[1]), torch.zeros(1, dtype=torch.long), grid)
-    return {f"{name}_top1": 100 * s["chance_top1"], f"{name}_within1": 100 * s["chance_within1"],
-            f"{name}_distance": s["chance_distance"]}
 
 
 def evaluate(args):
@@ -2251,7 +2305,12 @@ def evaluate(args):
         print(line, flush=True)
 
 
+# ============================================================================================
+# 12. Pictures: reassembly.png, the head's beliefs, curves.png
+# ============================================================================================
+
 GIVEN, CORRECT, CLASH = (0, 200, 0), (255, 200, 0), (230, 0, 0)  # border colours in reassembly.png
+
 LEGEND = ("green: position given  ·  yellow: patch in its true cell  ·  "
           "red k: k patches sent to one cell, the surest shown  ·  grey: no patch")
 
@@ -2352,36 +2411,22 @@ def draw_reassembly(rows, info, scale, labels, caption):
                 draw.text((x + 1, y + 1), str(count), fill="white", font=small, anchor="lt")
     return canvas
 
-
-# --- pictures of what the position head believes, and of a run's curves (PIL only) ---
-
 FONT, SMALL = ImageFont.load_default(size=14), ImageFont.load_default(size=11)
+
 CELL, PAD = 16, 8  # px per cell of maps A and B, px margin
+
 ORIGIN = (PAD, 68)  # top left of map A; map B starts (h + 2) * CELL to its right
+
 TRUE, ARGMAX, EMPTY = (0, 220, 255), (0, 200, 0), (200, 200, 200)  # cyan, green, no data
+
 SKIP = {"epoch", "step", "summary", "skipped_images", "elapsed_s", "images_per_sec", "best_top1"}
+
 PW, PH, THIN, THICK = 280, 160, (90, 120, 200), (210, 70, 0)  # curve panel px; progress, summary
 
 
 def heat(t):
     """(...) in [0, 1] -> (..., 3) floats: black -> red -> yellow -> white."""
     return torch.stack([3 * t, 3 * t - 1, 3 * t - 2], -1).clamp(0, 1)
-
-
-def position_scores(probs, true_pos, grid):
-    """probs: (M, N), only the argmax counts; true_pos: (M,) long, same device; grid: (h, w).
-    Floats: top1, within1 (Chebyshev distance <= 1) as fractions, distance as mean Euclidean
-    cells; chance_*: the same over every (true cell, guess) pair, i.e. a uniform guess."""
-    h, w = grid
-    k = torch.arange(h * w, device=probs.device)
-    xy = torch.stack([k // w, k % w], 1).double()  # (N, 2); float64 so the chances are exact
-    s = {}
-    for pre, d in (("", xy[probs.argmax(1)] - xy[true_pos]), ("chance_", xy[:, None] - xy[None])):
-        d = d.view(-1, 2)  # (M or N*N, 2) row and column offsets of the guess from the truth
-        s |= {pre + "top1": (d == 0).all(1).double().mean().item(),
-              pre + "within1": (d.abs().amax(1) <= 1).double().mean().item(),
-              pre + "distance": d.norm(dim=1).mean().item()}
-    return s
 
 
 def row_col_beliefs(probs, true_pos, grid):
@@ -2513,8 +2558,9 @@ def draw_curves(rows, chance=None, columns=3):
 
 
 # ============================================================================================
-# 9. Logging: progress lines, metrics.jsonl, and the arithmetic behind them
+# 13. Logging
 # ============================================================================================
+
 
 class Logger:
     """Progress lines on stdout and one JSON object per line in metrics.jsonl (rank 0 writes).
@@ -2643,8 +2689,9 @@ def fmt_time(s):
 
 
 # ============================================================================================
-# 10. Benchmark
+# 14. Benchmark
 # ============================================================================================
+
 
 def matmul_flops(device, dtype, max_n=None, budget_s=0.3):
     """Measured FLOP/s of large square matmuls: the peak a training step can hope for."""
@@ -2771,7 +2818,6 @@ def bench_with_data(args, step, proc):
             n += imgs.shape[0]
     sync(proc.device)
     return n / (time.perf_counter() - t) if t and n else None
-
 
 if __name__ == "__main__":
     try:
