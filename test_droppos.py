@@ -1060,117 +1060,7 @@ def run_copy(pretrained_run, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# 1. The command line
-# --------------------------------------------------------------------------------------------
-
-def test_help_gives_every_flag_a_meaning_its_default_and_its_choices():
-    parser = train.build_parser()
-    text = parser.format_help()
-    for action in parser._actions:
-        assert action.help, f"{action.option_strings} has no help text"
-    assert "{cifar10,cifar100,imagefolder,synthetic}" in text
-    assert re.search(r"--mask-ratio MASK_RATIO\s+γ: share of patches hidden \(default: 0.75\)", text)
-    assert "(default: None)" not in text
-
-
-# (flags, a phrase the one error line must contain); none of these needs a file or a run
-BAD_FLAGS = [
-    (["--dataset", "mnist"], "invalid choice: 'mnist'"),
-    (["--epoks", "3"], "unrecognized arguments: --epoks"),
-    (["--blr", "-1"], "--blr must be > 0, got -1"),
-    (["--blr", "nan"], "--blr must be > 0, got nan"),
-    (["--drop-path", "1.5", "--finetune", "scratch"], "--drop-path must be in [0, 1), got 1.5"),
-    (["--layer-decay", "0", "--finetune", "scratch"], "--layer-decay must be in (0, 1]"),
-    (["--sigma", "-1"], "--sigma must be >= 0, got -1"),
-    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
-    (["--knn-k", "0"], "--knn-k must be >= 1, got 0"),
-    (["--knn-k", "-5"], "--knn-k must be >= 1, got -5"),
-    (["--knn-t", "0"], "--knn-t must be > 0"),
-    (["--classes", "0"], "--classes must be >= 1"),
-    (["--classes", "-1"], "--classes must be >= 1"),
-    (["--per-class", "0"], "--per-class must be >= 1"),
-    (["--img-size", "0"], "--img-size must be >= 1"),
-    (["--patch-size", "0"], "--patch-size must be >= 1"),
-    (["--epochs", "0"], "--epochs must be >= 1"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--warmup-epochs", "-1"], "--warmup-epochs must be >= 0"),
-    (["--log-every", "-1"], "--log-every must be >= 0"),
-    (["--benchmark", "--bench-warmup", "-1"], "--bench-warmup must be >= 0"),
-    (["--benchmark", "--bench-steps", "0"], "--bench-steps must be >= 1"),
-    (["--mixup", "0"], "--mixup applies only with --finetune"),
-    (["--bench-steps", "3"], "--bench-steps applies only with --benchmark"),
-    (["--finetune", "scratch", "--mask-ratio", "0.5"], "--mask-ratio does not apply with --finetune"),
-    (["--finetune", "scratch", "--knn-every", "1"], "--knn-every does not apply with --finetune"),
-    (["--benchmark", "--finetune", "scratch"], "--finetune does not apply with --benchmark"),
-    (["--evaluate", "x.pt", "--epochs", "3"], "--epochs does not apply with --evaluate"),
-    (["--linear-probe", "random", "--pos-mask-ratio", "0.5"], "--pos-mask-ratio does not apply with --linear-probe"),
-    (["--location-probe", "random", "--linear-probe", "random"], "does not apply with --location-probe"),
-]
-
-
-@pytest.mark.parametrize("argv, phrase", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
-def test_a_bad_flag_is_one_error_line_and_exit_2_before_anything_runs(argv, phrase, tmp_path, capsys):
-    line = _fails(argv + ["--output-dir", tmp_path / "out"], capsys)
-    assert phrase in line
-    assert not (tmp_path / "out").exists()
-
-
-def test_default_folders_differ_for_pretraining_scratch_and_each_checkpoint(tmp_path):
-    for run in ("a", "b"):
-        (tmp_path / run).mkdir()
-        torch.save({}, tmp_path / run / "encoder.pt")
-    folder = lambda *argv: train.default_run_name(argparse.Namespace(
-        **dict(dict(dataset="cifar10", finetune=None, seed=0, recipe="laptop"), **dict(zip(argv[::2], argv[1::2])))))
-    names = [folder(), folder("finetune", "scratch"), folder("finetune", str(tmp_path / "a" / "encoder.pt")),
-             folder("finetune", str(tmp_path / "b" / "encoder.pt")), folder("seed", 1),
-             folder("finetune", "scratch", "recipe", "paper", "seed", 2)]
-    assert names == ["cifar10-pretrain", "cifar10-scratch", "a-finetune", "b-finetune", "cifar10-pretrain-seed1",
-                     "cifar10-scratch-paper-seed2"]
-
-
-def test_paper_pretraining_defaults_are_the_official_ones_and_laptop_stays_as_it_was():
-    paper = train.parse_args(["--dataset", "synthetic", "--recipe", "paper"])
-    assert (paper.blr, paper.warmup_epochs, paper.min_lr, paper.weight_decay, paper.clip_grad) == \
-        (1.5e-4, 10.0, 0.0, 0.05, 5.0)
-    assert (paper.decoder_dim, paper.decoder_depth, paper.decoder_heads) == (512, 2, 16)  # at tiny too
-    assert train.model_config(paper)["decoder_dim"] == 512 and train.model_config(paper)["dim"] == 192
-    laptop = train.parse_args(["--dataset", "synthetic"])
-    assert laptop.recipe == "laptop"
-    assert (laptop.blr, laptop.warmup_epochs, laptop.min_lr, laptop.weight_decay, laptop.clip_grad) == \
-        (2e-3, 1.0, 0.0, 0.05, 5.0)
-    assert train.model_config(laptop)["decoder_dim"] == 192  # the preset's
-
-
-def test_paper_finetuning_defaults_are_maes_recipe():
-    a = train.parse_args(["--dataset", "synthetic", "--recipe", "paper", "--finetune", "scratch"])
-    assert (a.blr, a.layer_decay, a.warmup_epochs, a.min_lr, a.weight_decay, a.clip_grad) == \
-        (1e-3, 0.75, 5.0, 1e-6, 0.05, 0.0)
-    assert (a.drop_path, a.mixup, a.cutmix, a.smoothing) == (0.1, 0.8, 1.0, 0.1)
-    assert a.decoder_dim is None  # pre-training's table does not reach fine-tuning
-
-
-def test_a_typed_flag_wins_over_the_recipe():
-    a = train.parse_args(["--dataset", "synthetic", "--recipe", "paper", "--blr", "1e-3", "--decoder-dim", "32",
-                          "--warmup-epochs", "0"])
-    assert (a.blr, a.decoder_dim, a.warmup_epochs) == (1e-3, 32, 0.0)
-    assert (a.decoder_depth, a.decoder_heads, a.min_lr) == (2, 16, 0.0)  # the untyped ones still follow it
-    f = train.parse_args(["--dataset", "synthetic", "--recipe", "paper", "--finetune", "scratch",
-                          "--clip-grad", "1", "--min-lr", "0"])
-    assert (f.clip_grad, f.min_lr, f.warmup_epochs) == (1.0, 0.0, 5.0)
-
-
-def test_recipe_is_a_run_flag_and_help_states_the_paper_defaults():
-    assert "recipe" not in train.FREE_ON_RESUME
-    with pytest.raises(train.UserError, match="invalid choice"):
-        train.parse_args(["--recipe", "imagenet"])
-    text = " ".join(train.build_parser().format_help().split())
-    assert "decoder width (default: the preset's; --recipe paper: 512)" in text
-    assert "(default: 1.0; --recipe paper: 10.0 pre-training, 5.0 fine-tuning)" in text
-    assert "--recipe paper: 0.00015 pre-training, 0.001 fine-tuning)" in text
-
-
-# --------------------------------------------------------------------------------------------
-# 2. The training loop: a whole run, interruptions, a bad loss
+# 1. The loop: a whole run, interruptions, a bad loss
 # --------------------------------------------------------------------------------------------
 
 @slow
@@ -1301,7 +1191,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
 
 
 # --------------------------------------------------------------------------------------------
-# 3. Pre-training and fine-tuning
+# 2. The tasks: pre-training and fine-tuning
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("source", ["checkpoint.pt", "encoder.pt"])
@@ -1414,281 +1304,7 @@ def test_build_classifier_takes_the_head_from_the_recipe():
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints from anywhere: train.py's, the official DropPos code's, MAE's, timm's
-# --------------------------------------------------------------------------------------------
-
-OFFICIAL = {"decoder.embed.": "decoder_embed.", "decoder.blocks.": "decoder_blocks.",
-            "decoder.norm.": "decoder_norm.", "decoder.head.": "decoder_pred.", "encoder.": ""}
-
-
-def tiny_state(pos_embed="sincos"):  # N = 16 positions, p*p*3 = 48 pixels
-    torch.manual_seed(0)
-    return droppos.DropPos(img_size=16, patch_size=4, dim=32, depth=2, heads=2, decoder_dim=32,
-                   decoder_depth=1, decoder_heads=2, pos_embed=pos_embed).state_dict()
-
-
-def official(ours, prefix=""):
-    """Our DropPos state dict in the official code's key names."""
-    out = {}
-    for k, v in ours.items():
-        old = next((o for o in OFFICIAL if k.startswith(o)), "")
-        out[prefix + OFFICIAL.get(old, "") + k[len(old):]] = v
-    return out
-
-
-def encoder_part(ours):
-    return {k: v for k, v in ours.items() if k.startswith("encoder.")}
-
-
-def load_as_file(obj, tmp_path):
-    torch.save(obj, tmp_path / "x.pt")
-    return train.import_state(train.load_checkpoint(tmp_path / "x.pt"), "x.pt")
-
-
-def same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_train_py_checkpoint_loads_model_args_mode_epoch(tmp_path):
-    sd = tiny_state()
-    args = {"img_size": 16, "patch_size": 4, "model": "tiny", "heads": 2}
-    got = load_as_file({"mode": "pretrain", "args": args, "model": sd, "optimizer": {}, "epoch": 3,
-                "step_in_epoch": 0}, tmp_path)
-    assert same(got.model, sd) and got.args == args and (got.mode, got.epoch) == ("pretrain", 3)
-    assert got.source == "train.py checkpoint" and got.extra["ignored"] == []
-
-
-def test_train_py_finetune_checkpoint_reports_classifier_head_ignored(tmp_path):
-    sd = encoder_part(tiny_state())
-    head = {"fc_norm.weight": torch.ones(32), "head.weight": torch.zeros(10, 32)}
-    got = load_as_file({"mode": "finetune", "args": {}, "model": {**sd, **head}, "epoch": 1}, tmp_path)
-    assert same(got.model, sd) and got.mode == "finetune"
-    assert got.extra["ignored"] == ["fc_norm", "head"]
-
-
-def test_train_py_encoder_pt_loads_under_encoder_prefix(tmp_path):
-    sd = encoder_part(tiny_state())
-    got = load_as_file({k.removeprefix("encoder."): v for k, v in sd.items()}, tmp_path)
-    assert same(got.model, sd) and got.source == "train.py encoder" and got.args is None
-
-
-@pytest.mark.parametrize("prefix", ["module.", ""])
-def test_official_layout_with_or_without_ddp_prefix_loads_same_tensors(tmp_path, prefix):
-    sd = tiny_state()
-    name = "DropPos_mae_vit_base_patch16_dec512d2b"
-    got = load_as_file({"epoch": 5, "state_dict": official(sd, prefix), "optimizer": {}, "model": name},
-               tmp_path)
-    assert same(got.model, sd) and got.epoch == 5 and got.arch["name"] == name
-    assert got.extra == {"ignored": [], "missing": []}
-
-
-def test_save_model_layout_with_namespace_loads_under_weights_only(tmp_path):
-    sd = tiny_state()
-    ns = argparse.Namespace(model="DropPos_mae_vit_base_patch16_dec512d2b", input_size=16,
-                            mask_ratio=0.75, pos_mask_ratio=0.5, lr=1e-3)
-    got = load_as_file({"model": official(sd), "optimizer": {}, "epoch": 4, "scaler": {}, "args": ns},
-               tmp_path)
-    assert same(got.model, sd) and got.epoch == 5 and got.arch["decoder_depth"] == 2
-    assert got.extra == {"input_size": 16, "mask_ratio": 0.75, "pos_mask_ratio": 0.5,
-                         "ignored": [], "missing": []}
-
-
-def test_mae_pixel_decoder_is_ignored_not_mapped_to_position_head(tmp_path):
-    sd = tiny_state()
-    mae = official(sd)
-    mae.update({"decoder_pred.weight": torch.zeros(48, 32), "decoder_pred.bias": torch.zeros(48),
-                "mask_token": torch.zeros(1, 1, 32), "decoder_pos_embed": torch.zeros(1, 17, 32)})
-    del mae["mask_pos_token"]
-    got = load_as_file({"model": mae}, tmp_path)
-    assert same(got.model, encoder_part(sd)) and got.source == "MAE encoder"
-    assert got.extra["ignored"] == ["decoder_blocks", "decoder_embed", "decoder_norm",
-                                    "decoder_pos_embed", "decoder_pred", "mask_token"]
-
-
-def test_a_global_pool_classifier_without_the_encoders_norm_lends_it_its_fc_norm(tmp_path):
-    enc = {k: v for k, v in official(tiny_state()).items() if k.split(".")[0] in
-           ("cls_token", "pos_embed", "patch_embed", "blocks")}
-    fc_norm = {"fc_norm.weight": torch.rand(32), "fc_norm.bias": torch.rand(32)}
-    got = load_as_file({"model": {**enc, **fc_norm, "head.bias": torch.zeros(5)},
-                        "args": argparse.Namespace(model="vit_base_patch16"), "epoch": 0}, tmp_path)
-    assert got.extra["missing"] == [] and got.extra["ignored"] == ["head"]
-    assert torch.equal(got.model["encoder.norm.weight"], fc_norm["fc_norm.weight"])
-    assert "decoder_dim" not in got.arch and got.arch["heads"] == 12
-    del got.model["encoder.norm.bias"]  # without either norm: reported missing
-    nothing = load_as_file({"model": enc, "args": argparse.Namespace(model="vit_base_patch16")}, tmp_path)
-    assert nothing.extra["missing"] == ["norm"]
-
-
-def test_timm_state_dict_with_head_loads_encoder(tmp_path):
-    sd = encoder_part(tiny_state())
-    got = load_as_file({**official(sd), "head.weight": torch.zeros(3, 32)}, tmp_path)
-    assert same(got.model, sd) and got.source == "timm encoder"
-
-
-def test_other_dict_error_names_its_keys(tmp_path):
-    with pytest.raises(train.UserError, match=r"a dict with keys \['foo', 'bar'\]"):
-        load_as_file({"foo": 1, "bar": torch.zeros(1)}, tmp_path)
-
-
-def test_garbage_and_truncated_files_are_corrupt(tmp_path):
-    (tmp_path / "g.pt").write_bytes(b"not a checkpoint" * 8)
-    torch.save(tiny_state(), tmp_path / "t.pt")
-    (tmp_path / "t.pt").write_bytes((tmp_path / "t.pt").read_bytes()[:1000])
-    for f in ("g.pt", "t.pt"):
-        with pytest.raises(train.UserError, match="is corrupt, truncated or not a checkpoint"):
-            train.load_checkpoint(tmp_path / f)
-
-
-def test_missing_file_does_not_exist(tmp_path):
-    with pytest.raises(train.UserError, match="does not exist"):
-        train.load_checkpoint(tmp_path / "nope.pt")
-
-
-def test_pickled_foreign_class_is_one_line_error_naming_it(tmp_path):
-    torch.save({"when": datetime.date(2024, 1, 1)}, tmp_path / "d.pt")
-    with pytest.raises(train.UserError, match=r"datetime\.date") as e:
-        train.load_checkpoint(tmp_path / "d.pt")
-    assert "\n" not in str(e.value) and "corrupt" not in str(e.value)
-
-
-@pytest.mark.parametrize("kind", ["sincos", "learnable"])
-def test_encoder_shape_finds_sizes_and_pos_embed_kind(kind):
-    assert train.encoder_shape(tiny_state(kind)) == dict(
-        img_size=16, patch_size=4, dim=32, depth=2, heads=None, pos_embed=kind, decoder_dim=32,
-        decoder_depth=1, decoder_heads=None, num_positions=16)
-
-
-def test_encoder_shape_refuses_non_square_grid():
-    sd = encoder_part(tiny_state())
-    sd["encoder.pos_embed"] = torch.zeros(1, 1 + 12, 32)
-    with pytest.raises(train.UserError, match="12-patch"):
-        train.encoder_shape(sd)
-
-
-def test_resize_same_grid_unchanged_sincos_recomputed_learnable_bicubic():
-    pos = tiny_state()["encoder.pos_embed"]  # (1, 17, 32), a 4x4 grid
-    assert train.resize_pos_embed(pos, (4, 4), "sincos") is pos
-    big = train.resize_pos_embed(pos, (6, 5), "sincos")
-    assert torch.equal(big[0, 0], pos[0, 0])
-    assert torch.equal(big[0, 1:], droppos.sincos_pos_embed(32, (6, 5)))
-    const = torch.full((1, 17, 32), 0.5)
-    out = train.resize_pos_embed(const, (7, 7), "learnable")
-    assert out.shape == (1, 50, 32) and torch.allclose(out, const[:, :1].expand(1, 50, 32))
-
-
-def test_arch_facts_of_example_names():
-    assert train.arch_facts("DropPos_mae_vit_base_patch16_dec512d2b") == dict(
-        name="DropPos_mae_vit_base_patch16_dec512d2b", dim=768, depth=12, heads=12, patch_size=16,
-        decoder_dim=512, decoder_depth=2, decoder_heads=16)
-    assert train.arch_facts("mae_vit_large_patch16_dec512d8b")["decoder_depth"] == 8
-    assert train.arch_facts("mae_vit_large_patch16")["decoder_depth"] == 8  # the recommended alias
-    assert train.arch_facts("vit_base_patch16") == dict(name="vit_base_patch16", dim=768, depth=12,
-                                                  heads=12, patch_size=16)
-    assert train.arch_facts("vit_huge_patch14")["heads"] == 16
-    assert train.arch_facts("vit_tiny_patch16")["dim"] == 192
-    assert train.arch_facts("resnet50") == {} and train.arch_facts("vit_giant_patch14") == {}
-
-
-def _foreign_layouts(ck_path, tmp_path):
-    """The reference run's weights in every layout another codebase writes.  -> {name: path}."""
-    ck = torch.load(ck_path, weights_only=True)
-    sd, ns = ck["model"], argparse.Namespace(model="custom", input_size=32, mask_ratio=0.75, pos_mask_ratio=0.75)
-    enc = {k.removeprefix("encoder."): v for k, v in encoder_part(sd).items()}
-    files = {"official": {"epoch": 3, "state_dict": official(sd, "module."), "optimizer": {}, "model": "custom"},
-             "save_model": {"model": official(sd), "optimizer": {}, "epoch": 2, "scaler": {}, "args": ns},
-             "mae_encoder": {"model": enc}, "timm": {**enc, "head.weight": torch.zeros(10, 32)}}
-    for name, obj in files.items():
-        torch.save(obj, tmp_path / f"{name}.pt")
-    return {name: tmp_path / f"{name}.pt" for name in files}
-
-
-HEADS = ["--heads", "2"]  # what the tensors of a file without flags or arch name cannot tell
-EVAL_TINY = ENCODER_TINY[:-2]  # --log-every is training's
-
-
-def _evaluation(argv, out):
-    stdout = _train_in_process(EVAL_TINY + argv + ["--output-dir", out])
-    line = json.loads(stdout.strip().splitlines()[-1])
-    assert json.loads((out / "evaluation.json").read_text()) == line
-    return {k: v for k, v in line.items() if k not in ("checkpoint", "source")}
-
-
-@slow
-def test_evaluate_scores_a_checkpoint_and_its_official_layout_alike_and_repeatably(pretrained_run, tmp_path):
-    ref_dir, _ = pretrained_run
-    files = _foreign_layouts(ref_dir / "checkpoint.pt", tmp_path)
-    ours = _evaluation(["--evaluate", ref_dir / "checkpoint.pt"], tmp_path / "a")
-    assert ours == _evaluation(["--evaluate", ref_dir / "checkpoint.pt"], tmp_path / "b")  # deterministic
-    theirs = _evaluation(["--evaluate", files["official"], *HEADS, "--decoder-heads", "2"], tmp_path / "c")
-    assert theirs == ours
-    assert ours["test_pos_top1_chance"] == 100 / 64 and 0 <= ours["test_pos_within1"] <= 100
-    assert ours["test_pos_distance_chance"] > ours["test_pos_distance"] * 0.5 and "knn_top1" in ours
-    with Image.open(tmp_path / "a" / "reassembly.png") as png:
-        assert png.format == "PNG"
-    # An encoder alone: what needs no position head.
-    enc = _evaluation(["--evaluate", files["mae_encoder"], *HEADS], tmp_path / "d")
-    assert "test_pos_top1" not in enc and enc["knn_top1"] == ours["knn_top1"]
-
-
-@slow
-def test_finetune_from_every_layout_gives_identical_runs(pretrained_run, tmp_path):
-    ref_dir, _ = pretrained_run
-    files = _foreign_layouts(ref_dir / "checkpoint.pt", tmp_path)
-    sources = {"checkpoint.pt": [ref_dir / "checkpoint.pt"], "encoder.pt": [ref_dir / "encoder.pt", *HEADS]}
-    sources.update({name: [path, *HEADS] for name, path in files.items()})
-    rows = {}
-    for name, (path, *extra) in sources.items():
-        out = tmp_path / f"ft-{name}"
-        _train_in_process(ENCODER_TINY + ["--finetune", path, *extra, "--epochs", 1, "--output-dir", out])
-        rows[name] = _learned_rows(out / "metrics.jsonl")
-    assert all(r == rows["checkpoint.pt"] for r in rows.values())
-
-
-def test_evaluate_reads_the_head_counts_of_an_official_arch_name_and_needs_no_training_batch(tmp_path):
-    # ViT-Small/8 on 16-px images: 6 heads and a 16-head decoder, told by the name alone.
-    torch.manual_seed(0)
-    model = droppos.DropPos(16, 8, dim=384, depth=1, heads=6, decoder_dim=64, decoder_depth=1, decoder_heads=16)
-    torch.save({"epoch": 1, "state_dict": official(model.state_dict(), "module."),
-                "model": "DropPos_mae_vit_small_patch8_dec64d1b"}, tmp_path / "official.pth")
-    line = _evaluation(["--evaluate", tmp_path / "official.pth", "--img-size", 16, "--synthetic-size", 20,
-                        "--batch-size", 64], tmp_path / "ev")
-    assert line["epoch"] == 1 and line["test_pos_top1_chance"] == 100 / 4
-
-
-@slow
-def test_evaluate_of_a_fine_tuning_checkpoint_gives_its_test_top1(pretrained_run, tmp_path):
-    ft = tmp_path / "ft"
-    _train_in_process(ENCODER_TINY + ["--finetune", pretrained_run[0] / "checkpoint.pt", "--epochs", 1,
-                                      "--output-dir", ft])
-    last = [r for r in _metrics(ft / "metrics.jsonl") if r.get("summary")][-1]
-    line = _evaluation(["--evaluate", ft / "checkpoint.pt"], tmp_path / "ev")
-    assert line["test_top1"] == last["test_top1"] and "test_pos_top1" not in line and "knn_top1" in line
-
-
-def test_a_file_of_another_kind_and_a_contradicted_heads_are_one_line(pretrained_run, tmp_path, capsys):
-    ref_dir, _ = pretrained_run
-    torch.save({"weights": torch.zeros(3), "step": 7}, tmp_path / "other.pt")
-    out = ["--output-dir", tmp_path / "out"]
-    line = _fails(ENCODER_TINY + ["--finetune", tmp_path / "other.pt"] + out, capsys)
-    assert "['weights', 'step']" in line and "corrupt" not in line
-    assert "--heads 3 differs from the encoder" in _fails(
-        EVAL_TINY + ["--evaluate", ref_dir / "checkpoint.pt", "--heads", "3"] + out, capsys)
-    assert "pass --heads" in _fails(ENCODER_TINY + ["--location-probe", ref_dir / "encoder.pt"] + out, capsys)
-
-
-@slow
-@pytest.mark.parametrize("pos_embed", ["sincos", "learnable"])
-def test_finetuning_at_another_image_size_resizes_the_position_embedding(pos_embed, tmp_path):
-    pre = tmp_path / "pre"
-    _train_in_process(TRAIN_TINY + ["--epochs", 1, "--pos-embed", pos_embed, "--output-dir", pre])
-    _train_in_process(ENCODER_TINY + ["--finetune", pre / "checkpoint.pt", "--img-size", 48, "--epochs", 1,
-                                      "--output-dir", tmp_path / "ft"])
-    model = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["model"]
-    assert model["encoder.pos_embed"].shape == (1, 1 + 12 * 12, 32)
-
-
-# --------------------------------------------------------------------------------------------
-# The probes: the paper's location probe and MAE's linear probe, as runs
+# 2. The tasks: the paper's location probe and MAE's linear probe, as runs
 # --------------------------------------------------------------------------------------------
 
 def _encoder_tensors(ck_path):
@@ -1791,297 +1407,138 @@ def test_resume_keeps_the_recipe_and_refuses_another(paper_runs):
 
 
 # --------------------------------------------------------------------------------------------
-# 4. The run folder: its identity, whole files, exact resume
+# 3. Optimiser and schedule
 # --------------------------------------------------------------------------------------------
 
-@slow
-def test_a_new_run_into_a_folder_holding_a_run_refuses_and_touches_nothing(run_copy, capsys):
-    before = _snapshot(run_copy)
-    line = _fails(TRAIN_TINY + ["--epochs", TRAIN_EPOCHS, "--output-dir", run_copy], capsys)
-    assert "already holds a run" in line and f"python train.py --resume {run_copy}" in line
-    assert _snapshot(run_copy) == before
+def test_lr_warms_up_linearly_peaks_at_base_lr_and_cosines_down_to_min_lr():
+    total, warmup, base, low = 100, 10, 1e-3, 1e-5
+    lrs = [train.lr_at(s, total, warmup, base, low) for s in range(total + 1)]
+    rises = [b - a for a, b in zip(lrs[:warmup], lrs[1:warmup])]
+    assert lrs[0] > 0 and all(math.isclose(d, base / warmup) for d in rises)  # linear from ~0
+    assert max(lrs) == base == lrs[warmup - 1]
+    after = lrs[warmup - 1:]
+    assert all(b <= a for a, b in zip(after, after[1:]))  # never rises again
+    assert math.isclose(lrs[total], low) and lrs[total - 1] - low < 1e-3 * base
+    assert math.isclose(train.lr_at(10 * total, total, warmup, base, low), low)  # stays there
+    assert math.isclose(train.lr_at(0, total, 0, base, low), base)  # no warm-up: starts at the peak
 
 
-@slow
-def test_two_runs_started_together_into_one_folder_one_trains_the_other_refuses_naming_it(tmp_path):
-    out_dir = tmp_path / "same"
-    argv = TRAIN_TINY + ["--epochs", 2, "--output-dir", out_dir]
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    procs = [_start_train(argv, tmp_path / d) for d in "ab"]
-    for p in procs:
-        _wait(p)
-    codes = sorted(p.returncode for p in procs)
-    assert codes == [0, 2], codes
-    loser = next(d for d, p in zip("ab", procs) if p.returncode == 2)
-    line = (tmp_path / loser / "stderr.txt").read_text().strip()
-    winner_pid = next(p.pid for p in procs if p.returncode == 0)
-    assert line.startswith("error: ") and "\n" not in line and f"pid {winner_pid}" in line, line
-    steps = [r["step"] for r in _metrics(out_dir / "metrics.jsonl") if not r.get("summary")]
-    assert steps == list(range(1, 2 * TRAIN_STEPS_PER_EPOCH + 1))  # one run's rows, once
+def test_param_groups_exempt_biases_norms_tokens_and_learnable_pos_embed_from_weight_decay():
+    model = droppos.DropPos(img_size=16, patch_size=4, dim=32, depth=2, heads=2, decoder_dim=32,
+                            decoder_depth=1, decoder_heads=2, pos_embed="learnable")
+    groups = train.param_groups(model, 0.05)
+    decay = {}
+    for g in groups:
+        for p in g["params"]:
+            assert id(p) not in decay, "a parameter in two groups"
+            decay[id(p)] = g["weight_decay"]
+    named = dict(model.named_parameters())
+    assert decay.keys() == {id(p) for p in named.values() if p.requires_grad}
+    no_decay = {n for n, p in named.items() if decay[id(p)] == 0.0}
+    expected = {n for n in named if n.endswith(".bias") or ".norm" in n}  # LayerNorm weights
+    expected |= {"encoder.cls_token", "mask_pos_token", "encoder.pos_embed"}
+    assert no_decay == expected
+    for n in ("encoder.patch_embed.proj.weight", "encoder.blocks.0.attn.qkv.weight",
+              "encoder.blocks.1.mlp.fc1.weight", "decoder.embed.weight", "decoder.head.weight"):
+        assert decay[id(named[n])] == 0.05, n
 
 
-@slow
-def test_a_second_run_into_a_live_runs_folder_refuses_naming_it_and_touches_nothing(tmp_path, capsys):
-    # A run still in its first epoch (no checkpoint yet): neither a new run nor --resume may go in,
-    # and neither is told to delete the folder.
-    long_epoch = TRAIN_TINY + ["--synthetic-size", 8000, "--epochs", 2, "--output-dir", tmp_path / "run"]
-    proc = _start_train(long_epoch, tmp_path)
-    try:
-        _wait_for_step_of_epoch(proc, tmp_path / "run" / "metrics.jsonl", epoch=1)
-        for argv in (long_epoch,
-                     ["--resume", tmp_path / "run"]):
-            line = _fails(argv, capsys)
-            assert f"pid {proc.pid}" in line and "delete" not in line, line
-        assert proc.poll() is None  # still training
-    finally:
-        proc.kill()
-        proc.wait()
-    # Dead now (SIGKILL, before any checkpoint): the lock is stale and --resume says why nothing is
-    # there to continue, instead of "does not exist".
-    line = _fails(["--resume", tmp_path / "run"], capsys)
-    assert "stopped before it wrote the first one" in line
+def test_finetune_layer_decay_scales_lr_from_head_down_to_embeddings():
+    args = train.parse_args(SCRATCH_TINY + ["--finetune", "scratch", "--layer-decay", "0.5"])
+    clf = train.build_classifier(args, 10)
+    scale = lambda n: 0.5 ** (2 + 1 - train.layer_id(n, 2))  # as Finetuning builds it, depth 2
+    groups = train.param_groups(clf, 0.05, scale)
+    by_param = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    named = dict(clf.named_parameters())
+    assert by_param[id(named["head.weight"])] == 1.0
+    assert by_param[id(named["encoder.blocks.1.attn.qkv.weight"])] == 0.5
+    assert by_param[id(named["encoder.blocks.0.attn.qkv.weight"])] == 0.25
+    assert by_param[id(named["encoder.patch_embed.proj.weight"])] == 0.125
 
 
-def test_a_lock_left_by_a_killed_run_is_stale_and_a_live_one_is_named(tmp_path):
-    folder = tmp_path / "run"
-    folder.mkdir()
-    (folder / ".lock").write_text("pid 999999: train.py\n")  # written by a process now dead
-    assert train.live_owner(folder) is None
-    args = argparse.Namespace(output_dir=str(folder), resume=str(folder))
-    with train.FolderLock(args):  # taken over without complaint, and named while held
-        assert train.live_owner(folder) == f"pid {os.getpid()}: {' '.join(sys.argv)}"[:200]
-    assert train.live_owner(folder) is None
+def decay_of(model, groups):
+    """name -> weight decay of every parameter in a group (frozen ones are absent)."""
+    where = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    return {n: where[id(p)] for n, p in model.named_parameters() if id(p) in where}
 
 
-def _busy(stop):
-    while not stop.is_set():
-        sum(i * i for i in range(10_000))
+def task_of(argv):
+    """The Pretraining or Finetuning object train() builds for argv (no run folder is made)."""
+    args = train.parse_args(SYNTH + argv)
+    data = train.Data(args, CPU)
+    return (train.Finetuning if args.finetune else train.Pretraining)(args, data, CPU)
 
 
-@pytest.mark.parametrize("flags, chosen", [({"avx512_bf16", "avx2"}, "bf16"), ({"amx_bf16"}, "bf16"),
-                                           ({"avx2", "avx512f"}, "fp32"), (set(), "fp32")])
-def test_precision_auto_follows_the_cpus_bf16_units_the_same_on_every_start_under_load(flags, chosen,
-                                                                                         monkeypatch):
-    import threading
-    monkeypatch.setattr(train, "cpu_flags", lambda: flags)
-    stop = threading.Event()
-    busy = [threading.Thread(target=_busy, args=(stop,)) for _ in range(2)]
-    for t in busy:
-        t.start()
-    try:
-        picks = {train.pick_precision("auto", torch.device("cpu"))[0] for _ in range(30)}
-    finally:
-        stop.set()
-    assert picks == {chosen}
-    assert train.pick_precision("fp32", torch.device("cpu"))[0] == "fp32"
+def test_laptop_groups_spare_tokens_and_position_embeddings_in_both_modes():
+    pre = task_of([])
+    d = decay_of(pre.model, pre.groups)
+    assert d["encoder.cls_token"] == d["mask_pos_token"] == 0.0
+    assert d["encoder.blocks.0.attn.qkv.weight"] == 0.05 and d["encoder.blocks.0.attn.qkv.bias"] == 0.0
+    fine = task_of(["--finetune", "scratch", "--pos-embed", "learnable"])
+    d = decay_of(fine.model, fine.groups)
+    assert d["encoder.cls_token"] == d["encoder.pos_embed"] == d["encoder.norm.weight"] == 0.0
+    assert d["head.weight"] == 0.05
 
 
-def test_cpu_flags_are_read_from_the_operating_system():
-    flags = train.cpu_flags()
-    if Path("/proc/cpuinfo").exists() and "flags" in Path("/proc/cpuinfo").read_text():
-        assert flags and all(isinstance(f, str) and " " not in f for f in flags)
+def test_paper_pretraining_groups_decay_cls_and_mask_tokens_but_not_biases_or_norms():
+    task = task_of(["--recipe", "paper", "--decoder-dim", "32", "--decoder-heads", "2"])
+    d = decay_of(task.model, task.groups)
+    assert d["encoder.cls_token"] == d["mask_pos_token"] == 0.05
+    assert d["encoder.blocks.1.norm2.weight"] == d["decoder.embed.bias"] == d["encoder.norm.bias"] == 0.0
+    assert d["encoder.patch_embed.proj.weight"] == d["decoder.head.weight"] == 0.05
+    assert "encoder.pos_embed" not in d  # fixed sin-cos: frozen, in no group
+    learnable = droppos.DropPos(img_size=32, patch_size=8, dim=16, depth=1, heads=2, decoder_dim=16,
+                                decoder_depth=1, decoder_heads=2, pos_embed="learnable")
+    groups = train.param_groups(learnable, 0.05, no_decay=train.no_decay_rule("paper", "pretrain"))
+    assert decay_of(learnable, groups)["encoder.pos_embed"] == 0.05  # timm's rule has no skip list
 
 
-def test_precision_is_in_the_start_up_line_and_the_checkpoint(pretrained_run):
-    out_dir, stdout = pretrained_run
-    assert "fp32 (asked for)" in stdout.splitlines()[0]
-    assert torch.load(out_dir / "checkpoint.pt", weights_only=True)["precision"] == "fp32"
+def test_paper_finetuning_groups_spare_1d_pos_embed_and_cls_and_leave_out_the_frozen_norm():
+    task = task_of(["--recipe", "paper", "--finetune", "scratch", "--pos-embed", "learnable"])
+    d = decay_of(task.model, task.groups)
+    assert d["encoder.cls_token"] == d["encoder.pos_embed"] == d["head.bias"] == d["fc_norm.weight"] == 0.0
+    assert d["head.weight"] == d["encoder.blocks.1.mlp.fc2.weight"] == d["encoder.patch_embed.proj.weight"] == 0.05
+    assert "encoder.norm.weight" not in d and "encoder.norm.bias" not in d
+    trainable = sorted(id(p) for p in task.model.parameters() if p.requires_grad)
+    assert sorted(id(p) for g in task.groups for p in g["params"]) == trainable
+    # layer-wise lr decay still applies: the patch embedding at 0.75 ** (depth + 1), the head at 1
+    scale = {id(p): g["lr_scale"] for g in task.groups for p in g["params"]}
+    assert scale[id(task.model.encoder.patch_embed.proj.weight)] == pytest.approx(0.75 ** 3)
+    assert scale[id(task.model.head.weight)] == 1.0
 
 
-# A flag that would change the run, and its value in the reference run.
-CHANGING_FLAGS = [("--epochs", "5", 3), ("--batch-size", "8", 16), ("--mask-ratio", "0.5", 0.75),
-                  ("--dataset", "cifar10", "synthetic"), ("--seed", "1", 0), ("--sigma", "0", 1.0),
-                  ("--no-attentive", None, False), ("--pos-embed", "learnable", "sincos"),
-                  ("--finetune", "scratch", None)]
+def clipped(per_parameter, clip=1.0):
+    """Gradients (3, 4) and (0.3, 0.4) (norms 5 and 0.5) after optimizer_step with lr 0."""
+    model = nn.Module()
+    model.a, model.b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    loss = (model.a * torch.tensor([3.0, 4.0])).sum() + (model.b * torch.tensor([0.3, 0.4])).sum()
+    train.optimizer_step(model, torch.optim.SGD(model.parameters(), lr=0.0), loss, clip, per_parameter)
+    return model.a.grad, model.b.grad
 
 
-@pytest.mark.parametrize("name, value, saved", CHANGING_FLAGS, ids=[c[0] for c in CHANGING_FLAGS])
-@slow
-def test_resume_refuses_a_flag_that_would_change_the_run_naming_both_values(name, value, saved, run_copy, capsys):
-    before = _snapshot(run_copy)
-    argv = ["--resume", run_copy, name] + ([value] if value is not None else [])
-    line = _fails(argv, capsys)
-    assert f"{name} would change the run" in line and f"started with {saved!r}" in line
-    assert _snapshot(run_copy) == before
+def test_per_parameter_clipping_caps_each_gradient_on_its_own():
+    a, b = clipped(per_parameter=True)
+    assert torch.allclose(a, torch.tensor([3.0, 4.0]) / (5.0 + 1e-6))  # official clip_gradients
+    assert torch.allclose(b, torch.tensor([0.3, 0.4]))  # below the cap: untouched
 
 
-@slow
-def test_resume_accepts_flags_that_change_nothing_learned(run_copy, capsys):
-    stdout = _train_in_process(["--resume", run_copy / "checkpoint.pt", "--log-every", "2", "--workers", "0",
-                                "--knn-every", "5", "--device", "cpu", "--precision", "fp32",
-                                "--output-dir", run_copy])
-    assert "is complete" in stdout
+def test_joint_clipping_shrinks_every_gradient_by_one_factor():
+    a, b = clipped(per_parameter=False)
+    total = math.sqrt(25.25)
+    assert torch.allclose(a, torch.tensor([3.0, 4.0]) / total, atol=1e-6)
+    assert torch.allclose(b, torch.tensor([0.3, 0.4]) / total, atol=1e-6)
+    a, b = clipped(per_parameter=True, clip=0.0)  # 0 = no clipping
+    assert torch.equal(a, torch.tensor([3.0, 4.0]))
 
 
-@slow
-def test_resume_from_a_checkpoint_path_writes_only_into_its_own_folder(run_copy, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    _train_in_process(["--resume", run_copy / "checkpoint.pt"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no runs/<dataset>-pretrain
-    assert "in its own folder" in _fails(["--resume", run_copy, "--output-dir", tmp_path / "other"], capsys)
-
-
-@slow
-def test_resuming_a_finished_run_rewrites_missing_or_unreadable_outputs(run_copy):
-    ck = torch.load(run_copy / "checkpoint.pt", weights_only=True)
-    (run_copy / "encoder.pt").write_bytes(b"")  # what an in-place write left after a kill
-    (run_copy / "reassembly.png").unlink()
-    rows = (run_copy / "metrics.jsonl").read_text()
-    stdout = _train_in_process(["--resume", run_copy])
-    assert "is complete" in stdout and "rewrote encoder.pt, reassembly.png" in stdout
-    enc = torch.load(run_copy / "encoder.pt", weights_only=True)
-    assert all(torch.equal(v, ck["model"][f"encoder.{k}"]) for k, v in enc.items())
-    assert Image.open(run_copy / "reassembly.png").format == "PNG"
-    assert (run_copy / "metrics.jsonl").read_text() == rows
-    assert "its files are intact" in _train_in_process(["--resume", run_copy])
-
-
-def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
-    path = tmp_path / "checkpoint.pt"
-    path.write_bytes(b"the last good one")
-
-    def full_disk(f):
-        f.write(b"half a checkpoint")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    with pytest.raises(train.UserError, match="No space left on device"):
-        train.atomic_write(path, full_disk)
-    assert path.read_bytes() == b"the last good one"
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
-
-
-@slow
-def test_a_disk_that_fills_mid_run_ends_in_one_line_and_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    out_dir = tmp_path / "run"
-    real_fsync, calls = os.fsync, []
-
-    def fsync(fd):  # the disk fills once the first epoch's checkpoint is written
-        calls.append(fd)
-        if (out_dir / "checkpoint.pt").exists():
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    line = _fails(TRAIN_TINY + ["--epochs", TRAIN_EPOCHS, "--output-dir", out_dir], capsys)
-    assert "No space left on device" in line
-    ck = torch.load(out_dir / "checkpoint.pt", weights_only=True)
-    assert (ck["epoch"], ck["step_in_epoch"]) == (1, 0)
-    assert not [p for p in out_dir.iterdir() if p.name.endswith(".tmp")]
-
-
-@pytest.mark.parametrize("case", ["a file", "under a file", "read-only"])
-def test_an_unwritable_output_folder_is_one_line_before_training(case, tmp_path, monkeypatch, capsys):
-    (tmp_path / "file").write_text("not a folder")
-    out = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "run",
-           "read-only": tmp_path / "ro"}[case]
-    if case == "read-only":  # as root, permissions do not stop a write: the file system must
-        real_open = open
-
-        def read_only_open(path, mode="r", *a, **kw):
-            if "w" in mode and str(path).startswith(str(out)):
-                raise OSError(errno.EROFS, "Read-only file system")
-            return real_open(path, mode, *a, **kw)
-
-        monkeypatch.setattr(train, "open", read_only_open, raising=False)
-    line = _fails(TRAIN_TINY + ["--epochs", 1, "--output-dir", out], capsys)
-    assert {"a file": "is a file", "under a file": "cannot create the output folder",
-            "read-only": "Read-only file system"}[case] in line
+def test_only_paper_pretraining_clips_per_parameter_and_paper_finetuning_does_not_clip():
+    assert train.per_parameter_clip("paper", "pretrain")
+    assert not train.per_parameter_clip("paper", "finetune")
+    assert not train.per_parameter_clip("laptop", "pretrain") and not train.per_parameter_clip("laptop", "finetune")
 
 
 # --------------------------------------------------------------------------------------------
-# 5. Processes: torchrun, stopping together, RNG streams
-# --------------------------------------------------------------------------------------------
-
-@slow
-def test_two_process_gloo_run_under_torchrun_writes_once_from_rank_0_and_runs_knn(tmp_path):
-    out_dir = tmp_path / "run"
-    epochs = 2
-    code, stdout, stderr = _run_train_cli(TRAIN_TINY + ["--epochs", epochs, "--knn-every", 1, "--output-dir", out_dir],
-                                          tmp_path, torchrun=True)
-    assert code == 0, stderr[-3000:]
-    assert "Traceback" not in stderr
-    # Only rank 0 prints and writes: one header, one summary per epoch, every step once.
-    assert stdout.count("2 process(es)") == 1
-    records = _metrics(out_dir / "metrics.jsonl")
-    summaries = [r for r in records if r.get("summary")]
-    assert [r["epoch"] for r in summaries] == list(range(1, epochs + 1))
-    assert all(0 <= r["knn_top1"] <= 100 for r in summaries)  # every process embedded its share
-    per_rank_steps = TRAIN_STEPS_PER_EPOCH // 2  # each process sees half of every epoch
-    assert [r["step"] for r in records if not r.get("summary")] == list(range(1, epochs * per_rank_steps + 1))
-    assert {p.name for p in out_dir.iterdir()} == {"metrics.jsonl", "checkpoint.pt", "encoder.pt", "reassembly.png",
-                                                   "curves.png", ".lock"}
-    ck = torch.load(out_dir / "checkpoint.pt", weights_only=True)
-    assert (ck["epoch"], ck["step_in_epoch"]) == (epochs, 0)
-    assert len(ck["ranks"]) == 2  # both processes' random state, for an exact resume
-
-
-@slow
-def test_a_non_finite_loss_under_torchrun_stops_every_process_at_the_same_step(tmp_path):
-    start = time.monotonic()
-    code, _, stderr = _run_train_cli(TRAIN_TINY + ["--epochs", 3, "--blr", "1e9", "--log-every", "1000",
-                                                   "--output-dir", tmp_path / "run"], tmp_path, torchrun=True)
-    assert code != 0 and time.monotonic() - start < 120
-    stops = re.findall(r"error: the loss became non-finite in epoch (\d+) at step (\d+)", stderr)
-    assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]
-
-
-@slow
-def test_sigterm_under_torchrun_saves_a_checkpoint_of_every_process_within_seconds(tmp_path):
-    proc, out_dir = _start_and_reach_second_epoch(tmp_path, torchrun=True, epochs=50)
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
-    _wait(proc, timeout=60)
-    stderr = (tmp_path / "stderr.txt").read_text()
-    assert time.monotonic() - sent < 30, stderr[-3000:]
-    assert "interrupted: saved" in stderr
-    ck = torch.load(out_dir / "checkpoint.pt", weights_only=True)
-    assert ck["epoch"] >= 1 and len(ck["ranks"]) == 2
-
-
-def _pids_running(marker):
-    """Pids of the processes whose command line contains `marker`."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and marker in (d / "cmdline").read_bytes().decode(errors="replace"):
-                pids.append(int(d.name))
-        except OSError:
-            continue
-    return pids
-
-
-@slow
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the workers through /proc")
-def test_workers_of_a_killed_torchrun_stop_by_themselves_within_seconds(tmp_path):
-    proc, out_dir = _start_and_reach_second_epoch(tmp_path, torchrun=True, epochs=50)
-    workers = [p for p in _pids_running(str(out_dir)) if p != proc.pid]
-    assert len(workers) == 2, workers
-    proc.kill()  # SIGKILL torchrun: nobody tells its workers
-    proc.wait()
-    deadline = time.monotonic() + 30
-    while _pids_running(str(out_dir)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _pids_running(str(out_dir)), "the workers trained on without their torchrun"
-    assert "torchrun (pid" in (tmp_path / "stderr.txt").read_text()
-    # They saved where they were: the run resumes (the lock died with them).
-    assert torch.load(out_dir / "checkpoint.pt", weights_only=True)["epoch"] >= 1
-    assert train.live_owner(out_dir) is None
-
-
-def test_per_image_augmentation_leaves_the_global_cpu_and_cuda_rngs_untouched():
-    ds = train.SeededTransform(train.SyntheticImages(4, 32), train.train_transform(32), seed=0)
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    first = ds[1][0]
-    assert torch.equal(torch.get_rng_state(), cpu)
-    if cuda is not None:  # the CUDA half runs where a GPU is
-        assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), cuda))
-    torch.rand(5)  # whatever the training step draws in between
-    assert torch.equal(ds[1][0], first)  # the crop depends on (seed, epoch, image) only
-
-
-# --------------------------------------------------------------------------------------------
-# 6. Data: subsets, CIFAR-size sets in memory, photos per image, unreadable images
+# 4. Data: subsets, CIFAR-size sets in memory, photos per image, unreadable images
 # --------------------------------------------------------------------------------------------
 
 def _image_folder(root, size, per_class=8, classes=("cat", "dog")):
@@ -2454,138 +1911,7 @@ def test_laptop_evaluation_resizes_to_the_crop_size():
 
 
 # --------------------------------------------------------------------------------------------
-# 7. Optimisation
-# --------------------------------------------------------------------------------------------
-
-def test_lr_warms_up_linearly_peaks_at_base_lr_and_cosines_down_to_min_lr():
-    total, warmup, base, low = 100, 10, 1e-3, 1e-5
-    lrs = [train.lr_at(s, total, warmup, base, low) for s in range(total + 1)]
-    rises = [b - a for a, b in zip(lrs[:warmup], lrs[1:warmup])]
-    assert lrs[0] > 0 and all(math.isclose(d, base / warmup) for d in rises)  # linear from ~0
-    assert max(lrs) == base == lrs[warmup - 1]
-    after = lrs[warmup - 1:]
-    assert all(b <= a for a, b in zip(after, after[1:]))  # never rises again
-    assert math.isclose(lrs[total], low) and lrs[total - 1] - low < 1e-3 * base
-    assert math.isclose(train.lr_at(10 * total, total, warmup, base, low), low)  # stays there
-    assert math.isclose(train.lr_at(0, total, 0, base, low), base)  # no warm-up: starts at the peak
-
-
-def test_param_groups_exempt_biases_norms_tokens_and_learnable_pos_embed_from_weight_decay():
-    model = droppos.DropPos(img_size=16, patch_size=4, dim=32, depth=2, heads=2, decoder_dim=32,
-                            decoder_depth=1, decoder_heads=2, pos_embed="learnable")
-    groups = train.param_groups(model, 0.05)
-    decay = {}
-    for g in groups:
-        for p in g["params"]:
-            assert id(p) not in decay, "a parameter in two groups"
-            decay[id(p)] = g["weight_decay"]
-    named = dict(model.named_parameters())
-    assert decay.keys() == {id(p) for p in named.values() if p.requires_grad}
-    no_decay = {n for n, p in named.items() if decay[id(p)] == 0.0}
-    expected = {n for n in named if n.endswith(".bias") or ".norm" in n}  # LayerNorm weights
-    expected |= {"encoder.cls_token", "mask_pos_token", "encoder.pos_embed"}
-    assert no_decay == expected
-    for n in ("encoder.patch_embed.proj.weight", "encoder.blocks.0.attn.qkv.weight",
-              "encoder.blocks.1.mlp.fc1.weight", "decoder.embed.weight", "decoder.head.weight"):
-        assert decay[id(named[n])] == 0.05, n
-
-
-def test_finetune_layer_decay_scales_lr_from_head_down_to_embeddings():
-    args = train.parse_args(SCRATCH_TINY + ["--finetune", "scratch", "--layer-decay", "0.5"])
-    clf = train.build_classifier(args, 10)
-    scale = lambda n: 0.5 ** (2 + 1 - train.layer_id(n, 2))  # as Finetuning builds it, depth 2
-    groups = train.param_groups(clf, 0.05, scale)
-    by_param = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
-    named = dict(clf.named_parameters())
-    assert by_param[id(named["head.weight"])] == 1.0
-    assert by_param[id(named["encoder.blocks.1.attn.qkv.weight"])] == 0.5
-    assert by_param[id(named["encoder.blocks.0.attn.qkv.weight"])] == 0.25
-    assert by_param[id(named["encoder.patch_embed.proj.weight"])] == 0.125
-
-
-def decay_of(model, groups):
-    """name -> weight decay of every parameter in a group (frozen ones are absent)."""
-    where = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
-    return {n: where[id(p)] for n, p in model.named_parameters() if id(p) in where}
-
-
-def task_of(argv):
-    """The Pretraining or Finetuning object train() builds for argv (no run folder is made)."""
-    args = train.parse_args(SYNTH + argv)
-    data = train.Data(args, CPU)
-    return (train.Finetuning if args.finetune else train.Pretraining)(args, data, CPU)
-
-
-def test_laptop_groups_spare_tokens_and_position_embeddings_in_both_modes():
-    pre = task_of([])
-    d = decay_of(pre.model, pre.groups)
-    assert d["encoder.cls_token"] == d["mask_pos_token"] == 0.0
-    assert d["encoder.blocks.0.attn.qkv.weight"] == 0.05 and d["encoder.blocks.0.attn.qkv.bias"] == 0.0
-    fine = task_of(["--finetune", "scratch", "--pos-embed", "learnable"])
-    d = decay_of(fine.model, fine.groups)
-    assert d["encoder.cls_token"] == d["encoder.pos_embed"] == d["encoder.norm.weight"] == 0.0
-    assert d["head.weight"] == 0.05
-
-
-def test_paper_pretraining_groups_decay_cls_and_mask_tokens_but_not_biases_or_norms():
-    task = task_of(["--recipe", "paper", "--decoder-dim", "32", "--decoder-heads", "2"])
-    d = decay_of(task.model, task.groups)
-    assert d["encoder.cls_token"] == d["mask_pos_token"] == 0.05
-    assert d["encoder.blocks.1.norm2.weight"] == d["decoder.embed.bias"] == d["encoder.norm.bias"] == 0.0
-    assert d["encoder.patch_embed.proj.weight"] == d["decoder.head.weight"] == 0.05
-    assert "encoder.pos_embed" not in d  # fixed sin-cos: frozen, in no group
-    learnable = droppos.DropPos(img_size=32, patch_size=8, dim=16, depth=1, heads=2, decoder_dim=16,
-                                decoder_depth=1, decoder_heads=2, pos_embed="learnable")
-    groups = train.param_groups(learnable, 0.05, no_decay=train.no_decay_rule("paper", "pretrain"))
-    assert decay_of(learnable, groups)["encoder.pos_embed"] == 0.05  # timm's rule has no skip list
-
-
-def test_paper_finetuning_groups_spare_1d_pos_embed_and_cls_and_leave_out_the_frozen_norm():
-    task = task_of(["--recipe", "paper", "--finetune", "scratch", "--pos-embed", "learnable"])
-    d = decay_of(task.model, task.groups)
-    assert d["encoder.cls_token"] == d["encoder.pos_embed"] == d["head.bias"] == d["fc_norm.weight"] == 0.0
-    assert d["head.weight"] == d["encoder.blocks.1.mlp.fc2.weight"] == d["encoder.patch_embed.proj.weight"] == 0.05
-    assert "encoder.norm.weight" not in d and "encoder.norm.bias" not in d
-    trainable = sorted(id(p) for p in task.model.parameters() if p.requires_grad)
-    assert sorted(id(p) for g in task.groups for p in g["params"]) == trainable
-    # layer-wise lr decay still applies: the patch embedding at 0.75 ** (depth + 1), the head at 1
-    scale = {id(p): g["lr_scale"] for g in task.groups for p in g["params"]}
-    assert scale[id(task.model.encoder.patch_embed.proj.weight)] == pytest.approx(0.75 ** 3)
-    assert scale[id(task.model.head.weight)] == 1.0
-
-
-def clipped(per_parameter, clip=1.0):
-    """Gradients (3, 4) and (0.3, 0.4) (norms 5 and 0.5) after optimizer_step with lr 0."""
-    model = nn.Module()
-    model.a, model.b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
-    loss = (model.a * torch.tensor([3.0, 4.0])).sum() + (model.b * torch.tensor([0.3, 0.4])).sum()
-    train.optimizer_step(model, torch.optim.SGD(model.parameters(), lr=0.0), loss, clip, per_parameter)
-    return model.a.grad, model.b.grad
-
-
-def test_per_parameter_clipping_caps_each_gradient_on_its_own():
-    a, b = clipped(per_parameter=True)
-    assert torch.allclose(a, torch.tensor([3.0, 4.0]) / (5.0 + 1e-6))  # official clip_gradients
-    assert torch.allclose(b, torch.tensor([0.3, 0.4]))  # below the cap: untouched
-
-
-def test_joint_clipping_shrinks_every_gradient_by_one_factor():
-    a, b = clipped(per_parameter=False)
-    total = math.sqrt(25.25)
-    assert torch.allclose(a, torch.tensor([3.0, 4.0]) / total, atol=1e-6)
-    assert torch.allclose(b, torch.tensor([0.3, 0.4]) / total, atol=1e-6)
-    a, b = clipped(per_parameter=True, clip=0.0)  # 0 = no clipping
-    assert torch.equal(a, torch.tensor([3.0, 4.0]))
-
-
-def test_only_paper_pretraining_clips_per_parameter_and_paper_finetuning_does_not_clip():
-    assert train.per_parameter_clip("paper", "pretrain")
-    assert not train.per_parameter_clip("paper", "finetune")
-    assert not train.per_parameter_clip("laptop", "pretrain") and not train.per_parameter_clip("laptop", "finetune")
-
-
-# --------------------------------------------------------------------------------------------
-# 8. Evaluation: k-NN monitor, the reassembly picture
+# 5. Evaluation: k-NN monitor, the reassembly picture
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("k", [5, 1000])  # 1000 > the 60 features in the bank
@@ -2708,7 +2034,7 @@ def test_save_reassembly_is_the_same_picture_each_time_and_leaves_training_untou
 
 
 # --------------------------------------------------------------------------------------------
-# Position scores, the beliefs picture and curves.png
+# 5. Evaluation: position scores; 12. the beliefs picture and curves.png
 # --------------------------------------------------------------------------------------------
 
 def brute_scores(probs, true_pos, grid):
@@ -2893,9 +2219,682 @@ def test_draw_curves_draws_the_keys_train_py_writes_one_panel_each():
     assert (210, 70, 0) in colours(img) and (128, 128, 128) in colours(img)  # dots, chance line
 
 
+# --------------------------------------------------------------------------------------------
+# 6. The command line
+# --------------------------------------------------------------------------------------------
+
+def test_help_gives_every_flag_a_meaning_its_default_and_its_choices():
+    parser = train.build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        assert action.help, f"{action.option_strings} has no help text"
+    assert "{cifar10,cifar100,imagefolder,synthetic}" in text
+    assert re.search(r"--mask-ratio MASK_RATIO\s+γ: share of patches hidden \(default: 0.75\)", text)
+    assert "(default: None)" not in text
+
+
+# (flags, a phrase the one error line must contain); none of these needs a file or a run
+BAD_FLAGS = [
+    (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+    (["--epoks", "3"], "unrecognized arguments: --epoks"),
+    (["--blr", "-1"], "--blr must be > 0, got -1"),
+    (["--blr", "nan"], "--blr must be > 0, got nan"),
+    (["--drop-path", "1.5", "--finetune", "scratch"], "--drop-path must be in [0, 1), got 1.5"),
+    (["--layer-decay", "0", "--finetune", "scratch"], "--layer-decay must be in (0, 1]"),
+    (["--sigma", "-1"], "--sigma must be >= 0, got -1"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["--knn-k", "0"], "--knn-k must be >= 1, got 0"),
+    (["--knn-k", "-5"], "--knn-k must be >= 1, got -5"),
+    (["--knn-t", "0"], "--knn-t must be > 0"),
+    (["--classes", "0"], "--classes must be >= 1"),
+    (["--classes", "-1"], "--classes must be >= 1"),
+    (["--per-class", "0"], "--per-class must be >= 1"),
+    (["--img-size", "0"], "--img-size must be >= 1"),
+    (["--patch-size", "0"], "--patch-size must be >= 1"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be >= 0"),
+    (["--log-every", "-1"], "--log-every must be >= 0"),
+    (["--benchmark", "--bench-warmup", "-1"], "--bench-warmup must be >= 0"),
+    (["--benchmark", "--bench-steps", "0"], "--bench-steps must be >= 1"),
+    (["--mixup", "0"], "--mixup applies only with --finetune"),
+    (["--bench-steps", "3"], "--bench-steps applies only with --benchmark"),
+    (["--finetune", "scratch", "--mask-ratio", "0.5"], "--mask-ratio does not apply with --finetune"),
+    (["--finetune", "scratch", "--knn-every", "1"], "--knn-every does not apply with --finetune"),
+    (["--benchmark", "--finetune", "scratch"], "--finetune does not apply with --benchmark"),
+    (["--evaluate", "x.pt", "--epochs", "3"], "--epochs does not apply with --evaluate"),
+    (["--linear-probe", "random", "--pos-mask-ratio", "0.5"], "--pos-mask-ratio does not apply with --linear-probe"),
+    (["--location-probe", "random", "--linear-probe", "random"], "does not apply with --location-probe"),
+]
+
+
+@pytest.mark.parametrize("argv, phrase", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_a_bad_flag_is_one_error_line_and_exit_2_before_anything_runs(argv, phrase, tmp_path, capsys):
+    line = _fails(argv + ["--output-dir", tmp_path / "out"], capsys)
+    assert phrase in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_folders_differ_for_pretraining_scratch_and_each_checkpoint(tmp_path):
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        torch.save({}, tmp_path / run / "encoder.pt")
+    folder = lambda *argv: train.default_run_name(argparse.Namespace(
+        **dict(dict(dataset="cifar10", finetune=None, seed=0, recipe="laptop"), **dict(zip(argv[::2], argv[1::2])))))
+    names = [folder(), folder("finetune", "scratch"), folder("finetune", str(tmp_path / "a" / "encoder.pt")),
+             folder("finetune", str(tmp_path / "b" / "encoder.pt")), folder("seed", 1),
+             folder("finetune", "scratch", "recipe", "paper", "seed", 2)]
+    assert names == ["cifar10-pretrain", "cifar10-scratch", "a-finetune", "b-finetune", "cifar10-pretrain-seed1",
+                     "cifar10-scratch-paper-seed2"]
+
+
+def test_paper_pretraining_defaults_are_the_official_ones_and_laptop_stays_as_it_was():
+    paper = train.parse_args(["--dataset", "synthetic", "--recipe", "paper"])
+    assert (paper.blr, paper.warmup_epochs, paper.min_lr, paper.weight_decay, paper.clip_grad) == \
+        (1.5e-4, 10.0, 0.0, 0.05, 5.0)
+    assert (paper.decoder_dim, paper.decoder_depth, paper.decoder_heads) == (512, 2, 16)  # at tiny too
+    assert train.model_config(paper)["decoder_dim"] == 512 and train.model_config(paper)["dim"] == 192
+    laptop = train.parse_args(["--dataset", "synthetic"])
+    assert laptop.recipe == "laptop"
+    assert (laptop.blr, laptop.warmup_epochs, laptop.min_lr, laptop.weight_decay, laptop.clip_grad) == \
+        (2e-3, 1.0, 0.0, 0.05, 5.0)
+    assert train.model_config(laptop)["decoder_dim"] == 192  # the preset's
+
+
+def test_paper_finetuning_defaults_are_maes_recipe():
+    a = train.parse_args(["--dataset", "synthetic", "--recipe", "paper", "--finetune", "scratch"])
+    assert (a.blr, a.layer_decay, a.warmup_epochs, a.min_lr, a.weight_decay, a.clip_grad) == \
+        (1e-3, 0.75, 5.0, 1e-6, 0.05, 0.0)
+    assert (a.drop_path, a.mixup, a.cutmix, a.smoothing) == (0.1, 0.8, 1.0, 0.1)
+    assert a.decoder_dim is None  # pre-training's table does not reach fine-tuning
+
+
+def test_a_typed_flag_wins_over_the_recipe():
+    a = train.parse_args(["--dataset", "synthetic", "--recipe", "paper", "--blr", "1e-3", "--decoder-dim", "32",
+                          "--warmup-epochs", "0"])
+    assert (a.blr, a.decoder_dim, a.warmup_epochs) == (1e-3, 32, 0.0)
+    assert (a.decoder_depth, a.decoder_heads, a.min_lr) == (2, 16, 0.0)  # the untyped ones still follow it
+    f = train.parse_args(["--dataset", "synthetic", "--recipe", "paper", "--finetune", "scratch",
+                          "--clip-grad", "1", "--min-lr", "0"])
+    assert (f.clip_grad, f.min_lr, f.warmup_epochs) == (1.0, 0.0, 5.0)
+
+
+def test_recipe_is_a_run_flag_and_help_states_the_paper_defaults():
+    assert "recipe" not in train.FREE_ON_RESUME
+    with pytest.raises(train.UserError, match="invalid choice"):
+        train.parse_args(["--recipe", "imagenet"])
+    text = " ".join(train.build_parser().format_help().split())
+    assert "decoder width (default: the preset's; --recipe paper: 512)" in text
+    assert "(default: 1.0; --recipe paper: 10.0 pre-training, 5.0 fine-tuning)" in text
+    assert "--recipe paper: 0.00015 pre-training, 0.001 fine-tuning)" in text
+
 
 # --------------------------------------------------------------------------------------------
-# 10. Benchmark
+# 7. Checkpoints from anywhere: train.py's, the official DropPos code's, MAE's, timm's
+# --------------------------------------------------------------------------------------------
+
+OFFICIAL = {"decoder.embed.": "decoder_embed.", "decoder.blocks.": "decoder_blocks.",
+            "decoder.norm.": "decoder_norm.", "decoder.head.": "decoder_pred.", "encoder.": ""}
+
+
+def tiny_state(pos_embed="sincos"):  # N = 16 positions, p*p*3 = 48 pixels
+    torch.manual_seed(0)
+    return droppos.DropPos(img_size=16, patch_size=4, dim=32, depth=2, heads=2, decoder_dim=32,
+                   decoder_depth=1, decoder_heads=2, pos_embed=pos_embed).state_dict()
+
+
+def official(ours, prefix=""):
+    """Our DropPos state dict in the official code's key names."""
+    out = {}
+    for k, v in ours.items():
+        old = next((o for o in OFFICIAL if k.startswith(o)), "")
+        out[prefix + OFFICIAL.get(old, "") + k[len(old):]] = v
+    return out
+
+
+def encoder_part(ours):
+    return {k: v for k, v in ours.items() if k.startswith("encoder.")}
+
+
+def load_as_file(obj, tmp_path):
+    torch.save(obj, tmp_path / "x.pt")
+    return train.import_state(train.load_checkpoint(tmp_path / "x.pt"), "x.pt")
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_py_checkpoint_loads_model_args_mode_epoch(tmp_path):
+    sd = tiny_state()
+    args = {"img_size": 16, "patch_size": 4, "model": "tiny", "heads": 2}
+    got = load_as_file({"mode": "pretrain", "args": args, "model": sd, "optimizer": {}, "epoch": 3,
+                "step_in_epoch": 0}, tmp_path)
+    assert same(got.model, sd) and got.args == args and (got.mode, got.epoch) == ("pretrain", 3)
+    assert got.source == "train.py checkpoint" and got.extra["ignored"] == []
+
+
+def test_train_py_finetune_checkpoint_reports_classifier_head_ignored(tmp_path):
+    sd = encoder_part(tiny_state())
+    head = {"fc_norm.weight": torch.ones(32), "head.weight": torch.zeros(10, 32)}
+    got = load_as_file({"mode": "finetune", "args": {}, "model": {**sd, **head}, "epoch": 1}, tmp_path)
+    assert same(got.model, sd) and got.mode == "finetune"
+    assert got.extra["ignored"] == ["fc_norm", "head"]
+
+
+def test_train_py_encoder_pt_loads_under_encoder_prefix(tmp_path):
+    sd = encoder_part(tiny_state())
+    got = load_as_file({k.removeprefix("encoder."): v for k, v in sd.items()}, tmp_path)
+    assert same(got.model, sd) and got.source == "train.py encoder" and got.args is None
+
+
+@pytest.mark.parametrize("prefix", ["module.", ""])
+def test_official_layout_with_or_without_ddp_prefix_loads_same_tensors(tmp_path, prefix):
+    sd = tiny_state()
+    name = "DropPos_mae_vit_base_patch16_dec512d2b"
+    got = load_as_file({"epoch": 5, "state_dict": official(sd, prefix), "optimizer": {}, "model": name},
+               tmp_path)
+    assert same(got.model, sd) and got.epoch == 5 and got.arch["name"] == name
+    assert got.extra == {"ignored": [], "missing": []}
+
+
+def test_save_model_layout_with_namespace_loads_under_weights_only(tmp_path):
+    sd = tiny_state()
+    ns = argparse.Namespace(model="DropPos_mae_vit_base_patch16_dec512d2b", input_size=16,
+                            mask_ratio=0.75, pos_mask_ratio=0.5, lr=1e-3)
+    got = load_as_file({"model": official(sd), "optimizer": {}, "epoch": 4, "scaler": {}, "args": ns},
+               tmp_path)
+    assert same(got.model, sd) and got.epoch == 5 and got.arch["decoder_depth"] == 2
+    assert got.extra == {"input_size": 16, "mask_ratio": 0.75, "pos_mask_ratio": 0.5,
+                         "ignored": [], "missing": []}
+
+
+def test_mae_pixel_decoder_is_ignored_not_mapped_to_position_head(tmp_path):
+    sd = tiny_state()
+    mae = official(sd)
+    mae.update({"decoder_pred.weight": torch.zeros(48, 32), "decoder_pred.bias": torch.zeros(48),
+                "mask_token": torch.zeros(1, 1, 32), "decoder_pos_embed": torch.zeros(1, 17, 32)})
+    del mae["mask_pos_token"]
+    got = load_as_file({"model": mae}, tmp_path)
+    assert same(got.model, encoder_part(sd)) and got.source == "MAE encoder"
+    assert got.extra["ignored"] == ["decoder_blocks", "decoder_embed", "decoder_norm",
+                                    "decoder_pos_embed", "decoder_pred", "mask_token"]
+
+
+def test_a_global_pool_classifier_without_the_encoders_norm_lends_it_its_fc_norm(tmp_path):
+    enc = {k: v for k, v in official(tiny_state()).items() if k.split(".")[0] in
+           ("cls_token", "pos_embed", "patch_embed", "blocks")}
+    fc_norm = {"fc_norm.weight": torch.rand(32), "fc_norm.bias": torch.rand(32)}
+    got = load_as_file({"model": {**enc, **fc_norm, "head.bias": torch.zeros(5)},
+                        "args": argparse.Namespace(model="vit_base_patch16"), "epoch": 0}, tmp_path)
+    assert got.extra["missing"] == [] and got.extra["ignored"] == ["head"]
+    assert torch.equal(got.model["encoder.norm.weight"], fc_norm["fc_norm.weight"])
+    assert "decoder_dim" not in got.arch and got.arch["heads"] == 12
+    del got.model["encoder.norm.bias"]  # without either norm: reported missing
+    nothing = load_as_file({"model": enc, "args": argparse.Namespace(model="vit_base_patch16")}, tmp_path)
+    assert nothing.extra["missing"] == ["norm"]
+
+
+def test_timm_state_dict_with_head_loads_encoder(tmp_path):
+    sd = encoder_part(tiny_state())
+    got = load_as_file({**official(sd), "head.weight": torch.zeros(3, 32)}, tmp_path)
+    assert same(got.model, sd) and got.source == "timm encoder"
+
+
+def test_other_dict_error_names_its_keys(tmp_path):
+    with pytest.raises(train.UserError, match=r"a dict with keys \['foo', 'bar'\]"):
+        load_as_file({"foo": 1, "bar": torch.zeros(1)}, tmp_path)
+
+
+def test_garbage_and_truncated_files_are_corrupt(tmp_path):
+    (tmp_path / "g.pt").write_bytes(b"not a checkpoint" * 8)
+    torch.save(tiny_state(), tmp_path / "t.pt")
+    (tmp_path / "t.pt").write_bytes((tmp_path / "t.pt").read_bytes()[:1000])
+    for f in ("g.pt", "t.pt"):
+        with pytest.raises(train.UserError, match="is corrupt, truncated or not a checkpoint"):
+            train.load_checkpoint(tmp_path / f)
+
+
+def test_missing_file_does_not_exist(tmp_path):
+    with pytest.raises(train.UserError, match="does not exist"):
+        train.load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_pickled_foreign_class_is_one_line_error_naming_it(tmp_path):
+    torch.save({"when": datetime.date(2024, 1, 1)}, tmp_path / "d.pt")
+    with pytest.raises(train.UserError, match=r"datetime\.date") as e:
+        train.load_checkpoint(tmp_path / "d.pt")
+    assert "\n" not in str(e.value) and "corrupt" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["sincos", "learnable"])
+def test_encoder_shape_finds_sizes_and_pos_embed_kind(kind):
+    assert train.encoder_shape(tiny_state(kind)) == dict(
+        img_size=16, patch_size=4, dim=32, depth=2, heads=None, pos_embed=kind, decoder_dim=32,
+        decoder_depth=1, decoder_heads=None, num_positions=16)
+
+
+def test_encoder_shape_refuses_non_square_grid():
+    sd = encoder_part(tiny_state())
+    sd["encoder.pos_embed"] = torch.zeros(1, 1 + 12, 32)
+    with pytest.raises(train.UserError, match="12-patch"):
+        train.encoder_shape(sd)
+
+
+def test_resize_same_grid_unchanged_sincos_recomputed_learnable_bicubic():
+    pos = tiny_state()["encoder.pos_embed"]  # (1, 17, 32), a 4x4 grid
+    assert train.resize_pos_embed(pos, (4, 4), "sincos") is pos
+    big = train.resize_pos_embed(pos, (6, 5), "sincos")
+    assert torch.equal(big[0, 0], pos[0, 0])
+    assert torch.equal(big[0, 1:], droppos.sincos_pos_embed(32, (6, 5)))
+    const = torch.full((1, 17, 32), 0.5)
+    out = train.resize_pos_embed(const, (7, 7), "learnable")
+    assert out.shape == (1, 50, 32) and torch.allclose(out, const[:, :1].expand(1, 50, 32))
+
+
+def test_arch_facts_of_example_names():
+    assert train.arch_facts("DropPos_mae_vit_base_patch16_dec512d2b") == dict(
+        name="DropPos_mae_vit_base_patch16_dec512d2b", dim=768, depth=12, heads=12, patch_size=16,
+        decoder_dim=512, decoder_depth=2, decoder_heads=16)
+    assert train.arch_facts("mae_vit_large_patch16_dec512d8b")["decoder_depth"] == 8
+    assert train.arch_facts("mae_vit_large_patch16")["decoder_depth"] == 8  # the recommended alias
+    assert train.arch_facts("vit_base_patch16") == dict(name="vit_base_patch16", dim=768, depth=12,
+                                                  heads=12, patch_size=16)
+    assert train.arch_facts("vit_huge_patch14")["heads"] == 16
+    assert train.arch_facts("vit_tiny_patch16")["dim"] == 192
+    assert train.arch_facts("resnet50") == {} and train.arch_facts("vit_giant_patch14") == {}
+
+
+def _foreign_layouts(ck_path, tmp_path):
+    """The reference run's weights in every layout another codebase writes.  -> {name: path}."""
+    ck = torch.load(ck_path, weights_only=True)
+    sd, ns = ck["model"], argparse.Namespace(model="custom", input_size=32, mask_ratio=0.75, pos_mask_ratio=0.75)
+    enc = {k.removeprefix("encoder."): v for k, v in encoder_part(sd).items()}
+    files = {"official": {"epoch": 3, "state_dict": official(sd, "module."), "optimizer": {}, "model": "custom"},
+             "save_model": {"model": official(sd), "optimizer": {}, "epoch": 2, "scaler": {}, "args": ns},
+             "mae_encoder": {"model": enc}, "timm": {**enc, "head.weight": torch.zeros(10, 32)}}
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / f"{name}.pt")
+    return {name: tmp_path / f"{name}.pt" for name in files}
+
+
+HEADS = ["--heads", "2"]  # what the tensors of a file without flags or arch name cannot tell
+EVAL_TINY = ENCODER_TINY[:-2]  # --log-every is training's
+
+
+def _evaluation(argv, out):
+    stdout = _train_in_process(EVAL_TINY + argv + ["--output-dir", out])
+    line = json.loads(stdout.strip().splitlines()[-1])
+    assert json.loads((out / "evaluation.json").read_text()) == line
+    return {k: v for k, v in line.items() if k not in ("checkpoint", "source")}
+
+
+@slow
+def test_evaluate_scores_a_checkpoint_and_its_official_layout_alike_and_repeatably(pretrained_run, tmp_path):
+    ref_dir, _ = pretrained_run
+    files = _foreign_layouts(ref_dir / "checkpoint.pt", tmp_path)
+    ours = _evaluation(["--evaluate", ref_dir / "checkpoint.pt"], tmp_path / "a")
+    assert ours == _evaluation(["--evaluate", ref_dir / "checkpoint.pt"], tmp_path / "b")  # deterministic
+    theirs = _evaluation(["--evaluate", files["official"], *HEADS, "--decoder-heads", "2"], tmp_path / "c")
+    assert theirs == ours
+    assert ours["test_pos_top1_chance"] == 100 / 64 and 0 <= ours["test_pos_within1"] <= 100
+    assert ours["test_pos_distance_chance"] > ours["test_pos_distance"] * 0.5 and "knn_top1" in ours
+    with Image.open(tmp_path / "a" / "reassembly.png") as png:
+        assert png.format == "PNG"
+    # An encoder alone: what needs no position head.
+    enc = _evaluation(["--evaluate", files["mae_encoder"], *HEADS], tmp_path / "d")
+    assert "test_pos_top1" not in enc and enc["knn_top1"] == ours["knn_top1"]
+
+
+@slow
+def test_finetune_from_every_layout_gives_identical_runs(pretrained_run, tmp_path):
+    ref_dir, _ = pretrained_run
+    files = _foreign_layouts(ref_dir / "checkpoint.pt", tmp_path)
+    sources = {"checkpoint.pt": [ref_dir / "checkpoint.pt"], "encoder.pt": [ref_dir / "encoder.pt", *HEADS]}
+    sources.update({name: [path, *HEADS] for name, path in files.items()})
+    rows = {}
+    for name, (path, *extra) in sources.items():
+        out = tmp_path / f"ft-{name}"
+        _train_in_process(ENCODER_TINY + ["--finetune", path, *extra, "--epochs", 1, "--output-dir", out])
+        rows[name] = _learned_rows(out / "metrics.jsonl")
+    assert all(r == rows["checkpoint.pt"] for r in rows.values())
+
+
+def test_evaluate_reads_the_head_counts_of_an_official_arch_name_and_needs_no_training_batch(tmp_path):
+    # ViT-Small/8 on 16-px images: 6 heads and a 16-head decoder, told by the name alone.
+    torch.manual_seed(0)
+    model = droppos.DropPos(16, 8, dim=384, depth=1, heads=6, decoder_dim=64, decoder_depth=1, decoder_heads=16)
+    torch.save({"epoch": 1, "state_dict": official(model.state_dict(), "module."),
+                "model": "DropPos_mae_vit_small_patch8_dec64d1b"}, tmp_path / "official.pth")
+    line = _evaluation(["--evaluate", tmp_path / "official.pth", "--img-size", 16, "--synthetic-size", 20,
+                        "--batch-size", 64], tmp_path / "ev")
+    assert line["epoch"] == 1 and line["test_pos_top1_chance"] == 100 / 4
+
+
+@slow
+def test_evaluate_of_a_fine_tuning_checkpoint_gives_its_test_top1(pretrained_run, tmp_path):
+    ft = tmp_path / "ft"
+    _train_in_process(ENCODER_TINY + ["--finetune", pretrained_run[0] / "checkpoint.pt", "--epochs", 1,
+                                      "--output-dir", ft])
+    last = [r for r in _metrics(ft / "metrics.jsonl") if r.get("summary")][-1]
+    line = _evaluation(["--evaluate", ft / "checkpoint.pt"], tmp_path / "ev")
+    assert line["test_top1"] == last["test_top1"] and "test_pos_top1" not in line and "knn_top1" in line
+
+
+def test_a_file_of_another_kind_and_a_contradicted_heads_are_one_line(pretrained_run, tmp_path, capsys):
+    ref_dir, _ = pretrained_run
+    torch.save({"weights": torch.zeros(3), "step": 7}, tmp_path / "other.pt")
+    out = ["--output-dir", tmp_path / "out"]
+    line = _fails(ENCODER_TINY + ["--finetune", tmp_path / "other.pt"] + out, capsys)
+    assert "['weights', 'step']" in line and "corrupt" not in line
+    assert "--heads 3 differs from the encoder" in _fails(
+        EVAL_TINY + ["--evaluate", ref_dir / "checkpoint.pt", "--heads", "3"] + out, capsys)
+    assert "pass --heads" in _fails(ENCODER_TINY + ["--location-probe", ref_dir / "encoder.pt"] + out, capsys)
+
+
+@slow
+@pytest.mark.parametrize("pos_embed", ["sincos", "learnable"])
+def test_finetuning_at_another_image_size_resizes_the_position_embedding(pos_embed, tmp_path):
+    pre = tmp_path / "pre"
+    _train_in_process(TRAIN_TINY + ["--epochs", 1, "--pos-embed", pos_embed, "--output-dir", pre])
+    _train_in_process(ENCODER_TINY + ["--finetune", pre / "checkpoint.pt", "--img-size", 48, "--epochs", 1,
+                                      "--output-dir", tmp_path / "ft"])
+    model = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["model"]
+    assert model["encoder.pos_embed"].shape == (1, 1 + 12 * 12, 32)
+
+
+# --------------------------------------------------------------------------------------------
+# 8. The run folder: one live run, whole files, exact resume
+# --------------------------------------------------------------------------------------------
+
+@slow
+def test_a_new_run_into_a_folder_holding_a_run_refuses_and_touches_nothing(run_copy, capsys):
+    before = _snapshot(run_copy)
+    line = _fails(TRAIN_TINY + ["--epochs", TRAIN_EPOCHS, "--output-dir", run_copy], capsys)
+    assert "already holds a run" in line and f"python train.py --resume {run_copy}" in line
+    assert _snapshot(run_copy) == before
+
+
+@slow
+def test_two_runs_started_together_into_one_folder_one_trains_the_other_refuses_naming_it(tmp_path):
+    out_dir = tmp_path / "same"
+    argv = TRAIN_TINY + ["--epochs", 2, "--output-dir", out_dir]
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    procs = [_start_train(argv, tmp_path / d) for d in "ab"]
+    for p in procs:
+        _wait(p)
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], codes
+    loser = next(d for d, p in zip("ab", procs) if p.returncode == 2)
+    line = (tmp_path / loser / "stderr.txt").read_text().strip()
+    winner_pid = next(p.pid for p in procs if p.returncode == 0)
+    assert line.startswith("error: ") and "\n" not in line and f"pid {winner_pid}" in line, line
+    steps = [r["step"] for r in _metrics(out_dir / "metrics.jsonl") if not r.get("summary")]
+    assert steps == list(range(1, 2 * TRAIN_STEPS_PER_EPOCH + 1))  # one run's rows, once
+
+
+@slow
+def test_a_second_run_into_a_live_runs_folder_refuses_naming_it_and_touches_nothing(tmp_path, capsys):
+    # A run still in its first epoch (no checkpoint yet): neither a new run nor --resume may go in,
+    # and neither is told to delete the folder.
+    long_epoch = TRAIN_TINY + ["--synthetic-size", 8000, "--epochs", 2, "--output-dir", tmp_path / "run"]
+    proc = _start_train(long_epoch, tmp_path)
+    try:
+        _wait_for_step_of_epoch(proc, tmp_path / "run" / "metrics.jsonl", epoch=1)
+        for argv in (long_epoch,
+                     ["--resume", tmp_path / "run"]):
+            line = _fails(argv, capsys)
+            assert f"pid {proc.pid}" in line and "delete" not in line, line
+        assert proc.poll() is None  # still training
+    finally:
+        proc.kill()
+        proc.wait()
+    # Dead now (SIGKILL, before any checkpoint): the lock is stale and --resume says why nothing is
+    # there to continue, instead of "does not exist".
+    line = _fails(["--resume", tmp_path / "run"], capsys)
+    assert "stopped before it wrote the first one" in line
+
+
+def test_a_lock_left_by_a_killed_run_is_stale_and_a_live_one_is_named(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / ".lock").write_text("pid 999999: train.py\n")  # written by a process now dead
+    assert train.live_owner(folder) is None
+    args = argparse.Namespace(output_dir=str(folder), resume=str(folder))
+    with train.FolderLock(args):  # taken over without complaint, and named while held
+        assert train.live_owner(folder) == f"pid {os.getpid()}: {' '.join(sys.argv)}"[:200]
+    assert train.live_owner(folder) is None
+
+
+def _busy(stop):
+    while not stop.is_set():
+        sum(i * i for i in range(10_000))
+
+
+@pytest.mark.parametrize("flags, chosen", [({"avx512_bf16", "avx2"}, "bf16"), ({"amx_bf16"}, "bf16"),
+                                           ({"avx2", "avx512f"}, "fp32"), (set(), "fp32")])
+def test_precision_auto_follows_the_cpus_bf16_units_the_same_on_every_start_under_load(flags, chosen,
+                                                                                         monkeypatch):
+    import threading
+    monkeypatch.setattr(train, "cpu_flags", lambda: flags)
+    stop = threading.Event()
+    busy = [threading.Thread(target=_busy, args=(stop,)) for _ in range(2)]
+    for t in busy:
+        t.start()
+    try:
+        picks = {train.pick_precision("auto", torch.device("cpu"))[0] for _ in range(30)}
+    finally:
+        stop.set()
+    assert picks == {chosen}
+    assert train.pick_precision("fp32", torch.device("cpu"))[0] == "fp32"
+
+
+def test_cpu_flags_are_read_from_the_operating_system():
+    flags = train.cpu_flags()
+    if Path("/proc/cpuinfo").exists() and "flags" in Path("/proc/cpuinfo").read_text():
+        assert flags and all(isinstance(f, str) and " " not in f for f in flags)
+
+
+def test_precision_is_in_the_start_up_line_and_the_checkpoint(pretrained_run):
+    out_dir, stdout = pretrained_run
+    assert "fp32 (asked for)" in stdout.splitlines()[0]
+    assert torch.load(out_dir / "checkpoint.pt", weights_only=True)["precision"] == "fp32"
+
+
+# A flag that would change the run, and its value in the reference run.
+CHANGING_FLAGS = [("--epochs", "5", 3), ("--batch-size", "8", 16), ("--mask-ratio", "0.5", 0.75),
+                  ("--dataset", "cifar10", "synthetic"), ("--seed", "1", 0), ("--sigma", "0", 1.0),
+                  ("--no-attentive", None, False), ("--pos-embed", "learnable", "sincos"),
+                  ("--finetune", "scratch", None)]
+
+
+@pytest.mark.parametrize("name, value, saved", CHANGING_FLAGS, ids=[c[0] for c in CHANGING_FLAGS])
+@slow
+def test_resume_refuses_a_flag_that_would_change_the_run_naming_both_values(name, value, saved, run_copy, capsys):
+    before = _snapshot(run_copy)
+    argv = ["--resume", run_copy, name] + ([value] if value is not None else [])
+    line = _fails(argv, capsys)
+    assert f"{name} would change the run" in line and f"started with {saved!r}" in line
+    assert _snapshot(run_copy) == before
+
+
+@slow
+def test_resume_accepts_flags_that_change_nothing_learned(run_copy, capsys):
+    stdout = _train_in_process(["--resume", run_copy / "checkpoint.pt", "--log-every", "2", "--workers", "0",
+                                "--knn-every", "5", "--device", "cpu", "--precision", "fp32",
+                                "--output-dir", run_copy])
+    assert "is complete" in stdout
+
+
+@slow
+def test_resume_from_a_checkpoint_path_writes_only_into_its_own_folder(run_copy, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _train_in_process(["--resume", run_copy / "checkpoint.pt"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no runs/<dataset>-pretrain
+    assert "in its own folder" in _fails(["--resume", run_copy, "--output-dir", tmp_path / "other"], capsys)
+
+
+@slow
+def test_resuming_a_finished_run_rewrites_missing_or_unreadable_outputs(run_copy):
+    ck = torch.load(run_copy / "checkpoint.pt", weights_only=True)
+    (run_copy / "encoder.pt").write_bytes(b"")  # what an in-place write left after a kill
+    (run_copy / "reassembly.png").unlink()
+    rows = (run_copy / "metrics.jsonl").read_text()
+    stdout = _train_in_process(["--resume", run_copy])
+    assert "is complete" in stdout and "rewrote encoder.pt, reassembly.png" in stdout
+    enc = torch.load(run_copy / "encoder.pt", weights_only=True)
+    assert all(torch.equal(v, ck["model"][f"encoder.{k}"]) for k, v in enc.items())
+    assert Image.open(run_copy / "reassembly.png").format == "PNG"
+    assert (run_copy / "metrics.jsonl").read_text() == rows
+    assert "its files are intact" in _train_in_process(["--resume", run_copy])
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"the last good one")
+
+    def full_disk(f):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(train.UserError, match="No space left on device"):
+        train.atomic_write(path, full_disk)
+    assert path.read_bytes() == b"the last good one"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+@slow
+def test_a_disk_that_fills_mid_run_ends_in_one_line_and_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    out_dir = tmp_path / "run"
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):  # the disk fills once the first epoch's checkpoint is written
+        calls.append(fd)
+        if (out_dir / "checkpoint.pt").exists():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    line = _fails(TRAIN_TINY + ["--epochs", TRAIN_EPOCHS, "--output-dir", out_dir], capsys)
+    assert "No space left on device" in line
+    ck = torch.load(out_dir / "checkpoint.pt", weights_only=True)
+    assert (ck["epoch"], ck["step_in_epoch"]) == (1, 0)
+    assert not [p for p in out_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "read-only"])
+def test_an_unwritable_output_folder_is_one_line_before_training(case, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    out = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "run",
+           "read-only": tmp_path / "ro"}[case]
+    if case == "read-only":  # as root, permissions do not stop a write: the file system must
+        real_open = open
+
+        def read_only_open(path, mode="r", *a, **kw):
+            if "w" in mode and str(path).startswith(str(out)):
+                raise OSError(errno.EROFS, "Read-only file system")
+            return real_open(path, mode, *a, **kw)
+
+        monkeypatch.setattr(train, "open", read_only_open, raising=False)
+    line = _fails(TRAIN_TINY + ["--epochs", 1, "--output-dir", out], capsys)
+    assert {"a file": "is a file", "under a file": "cannot create the output folder",
+            "read-only": "Read-only file system"}[case] in line
+
+
+# --------------------------------------------------------------------------------------------
+# 9. Processes: torchrun, stopping together, RNG streams
+# --------------------------------------------------------------------------------------------
+
+@slow
+def test_two_process_gloo_run_under_torchrun_writes_once_from_rank_0_and_runs_knn(tmp_path):
+    out_dir = tmp_path / "run"
+    epochs = 2
+    code, stdout, stderr = _run_train_cli(TRAIN_TINY + ["--epochs", epochs, "--knn-every", 1, "--output-dir", out_dir],
+                                          tmp_path, torchrun=True)
+    assert code == 0, stderr[-3000:]
+    assert "Traceback" not in stderr
+    # Only rank 0 prints and writes: one header, one summary per epoch, every step once.
+    assert stdout.count("2 process(es)") == 1
+    records = _metrics(out_dir / "metrics.jsonl")
+    summaries = [r for r in records if r.get("summary")]
+    assert [r["epoch"] for r in summaries] == list(range(1, epochs + 1))
+    assert all(0 <= r["knn_top1"] <= 100 for r in summaries)  # every process embedded its share
+    per_rank_steps = TRAIN_STEPS_PER_EPOCH // 2  # each process sees half of every epoch
+    assert [r["step"] for r in records if not r.get("summary")] == list(range(1, epochs * per_rank_steps + 1))
+    assert {p.name for p in out_dir.iterdir()} == {"metrics.jsonl", "checkpoint.pt", "encoder.pt", "reassembly.png",
+                                                   "curves.png", ".lock"}
+    ck = torch.load(out_dir / "checkpoint.pt", weights_only=True)
+    assert (ck["epoch"], ck["step_in_epoch"]) == (epochs, 0)
+    assert len(ck["ranks"]) == 2  # both processes' random state, for an exact resume
+
+
+@slow
+def test_a_non_finite_loss_under_torchrun_stops_every_process_at_the_same_step(tmp_path):
+    start = time.monotonic()
+    code, _, stderr = _run_train_cli(TRAIN_TINY + ["--epochs", 3, "--blr", "1e9", "--log-every", "1000",
+                                                   "--output-dir", tmp_path / "run"], tmp_path, torchrun=True)
+    assert code != 0 and time.monotonic() - start < 120
+    stops = re.findall(r"error: the loss became non-finite in epoch (\d+) at step (\d+)", stderr)
+    assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]
+
+
+@slow
+def test_sigterm_under_torchrun_saves_a_checkpoint_of_every_process_within_seconds(tmp_path):
+    proc, out_dir = _start_and_reach_second_epoch(tmp_path, torchrun=True, epochs=50)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
+    _wait(proc, timeout=60)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert time.monotonic() - sent < 30, stderr[-3000:]
+    assert "interrupted: saved" in stderr
+    ck = torch.load(out_dir / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] >= 1 and len(ck["ranks"]) == 2
+
+
+def _pids_running(marker):
+    """Pids of the processes whose command line contains `marker`."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
+@slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the workers through /proc")
+def test_workers_of_a_killed_torchrun_stop_by_themselves_within_seconds(tmp_path):
+    proc, out_dir = _start_and_reach_second_epoch(tmp_path, torchrun=True, epochs=50)
+    workers = [p for p in _pids_running(str(out_dir)) if p != proc.pid]
+    assert len(workers) == 2, workers
+    proc.kill()  # SIGKILL torchrun: nobody tells its workers
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while _pids_running(str(out_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _pids_running(str(out_dir)), "the workers trained on without their torchrun"
+    assert "torchrun (pid" in (tmp_path / "stderr.txt").read_text()
+    # They saved where they were: the run resumes (the lock died with them).
+    assert torch.load(out_dir / "checkpoint.pt", weights_only=True)["epoch"] >= 1
+    assert train.live_owner(out_dir) is None
+
+
+def test_per_image_augmentation_leaves_the_global_cpu_and_cuda_rngs_untouched():
+    ds = train.SeededTransform(train.SyntheticImages(4, 32), train.train_transform(32), seed=0)
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    first = ds[1][0]
+    assert torch.equal(torch.get_rng_state(), cpu)
+    if cuda is not None:  # the CUDA half runs where a GPU is
+        assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), cuda))
+    torch.rand(5)  # whatever the training step draws in between
+    assert torch.equal(ds[1][0], first)  # the crop depends on (seed, epoch, image) only
+
+
+# --------------------------------------------------------------------------------------------
+# 14. Benchmark
 # --------------------------------------------------------------------------------------------
 
 @slow

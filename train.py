@@ -2,7 +2,7 @@
 
     python train.py --dataset synthetic --epochs 2           # offline, a minute on a laptop
     python train.py --dataset cifar10                        # pre-train ViT-Tiny/4 on CIFAR-10
-    python train.py --resume runs/cifar10-pretrain           # continue a run exactly where it stopped
+    python train.py --resume runs/cifar10-pretrain           # continue a run where it stopped
     python train.py --finetune runs/cifar10-pretrain/checkpoint.pt   # fine-tune what it learned
     python train.py --finetune scratch                       # ... the same from random weights
     python train.py --evaluate runs/cifar10-pretrain/checkpoint.pt        # score it, draw it
@@ -11,10 +11,9 @@
     python train.py --benchmark                              # images/s, memory, utilisation
     torchrun --nproc_per_node=2 train.py --dataset cifar10   # several processes or GPUs
 
-Checkpoints may come from train.py, the official DropPos code, MAE or timm. The file reads top to
-bottom: the command line, the training loop, then what the loop uses (the tasks: pre-training,
-fine-tuning, the probes; checkpoints from anywhere; the run folder and exact resume; processes;
-data; optimisation; evaluation and pictures; logging), and the benchmark.
+Checkpoints may come from train.py, the official DropPos code, MAE or timm. Part I teaches: the
+loop, then everything one pre-training step touches (tasks, optimiser, CIFAR's data path,
+evaluation). Part II protects: flags, checkpoints, run folder and resume, processes, pictures.
 """
 
 import argparse
@@ -48,16 +47,9 @@ from torchvision.transforms import v2
 import droppos
 from droppos import PRESETS, DropPos, ViT, patchify, sigma_at, sincos_pos_embed, unpatchify
 
-DATASETS = {"cifar10": 32, "cifar100": 32, "imagefolder": 224, "synthetic": 32}  # native image size
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "encoder.pt", "reassembly.png", "curves.png",
-             "evaluation.json")
-
 
 class UserError(Exception):
-    """A problem with what the user asked for: reported as one line, exit code 2, never a traceback."""
+    """A problem with what the user asked for: one line, exit code 2, never a traceback."""
 
 
 ##############################################################################################
@@ -70,36 +62,18 @@ class UserError(Exception):
 # ============================================================================================
 
 
-def main(argv=None):
-    WARNINGS.clear()
-    try:
-        args = parse_args(argv)
-        if args.benchmark:
-            benchmark(args)
-        else:
-            with FolderLock(args):
-                (evaluate if args.evaluate else train)(args)
-    except UserError as e:
-        sys.stderr.write(f"error: {e}\n")  # one write: under torchrun the processes' lines stay whole
-        sys.stderr.flush()
-        raise SystemExit(2)
-    except KeyboardInterrupt:  # Ctrl-C before the loop has taken over the signal: nothing to save yet
-        sys.stderr.write("\ninterrupted before training started; nothing was saved\n")
-        raise SystemExit(128 + signal.SIGINT)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def train(args):
-    """The loop, for every mode that trains: per step lr -> forward -> backward -> update -> log,
-    per epoch evaluate -> summary and curves -> checkpoint. What differs between pre-training,
+    """The loop of every mode that trains. Per step: lr -> forward -> backward -> update -> log;
+    per epoch: evaluate -> summary and curves -> checkpoint. What differs between pre-training,
     fine-tuning and the probes is the task's; what keeps a run safe is behind `run` and `stop`."""
-    proc = start_processes(args)
+    proc = start_processes(args)  # torchrun, device, precision
     data = Data(args, proc)
+    torch.manual_seed(args.seed)  # seeds, in order: the same initial weights on every process,
     task = TASKS[mode_of(args)](args, data, proc)
     optimizer = make_optimizer(task.groups, task.betas, proc.device)
-    run = RunFolder(args, proc, task, optimizer, data)  # on --resume: weights, optimiser, RNG, step
+    torch.manual_seed(args.seed + proc.rank)  # then masks that differ between processes,
+    random.seed(args.seed + proc.rank)
+    run = RunFolder(args, proc, task, optimizer, data)  # or a resumed run's RNG, weights, step
     if run.epoch == args.epochs:
         return run.finish_complete_run()
     net = wrap_model(task.model, args, proc)  # torch.compile, DistributedDataParallel
@@ -115,8 +89,7 @@ def train(args):
     with StopRequest() as stop:
         for epoch in range(run.epoch, args.epochs):  # epochs and steps count from 0 here
             task.model.train()
-            first = run.step if epoch == run.epoch else 0  # a resumed epoch goes on where it stopped
-            for step, (imgs, labels) in data.stream.epoch(epoch, start_step=first):
+            for step, (imgs, labels) in data.stream.epoch(epoch, run.first_step(epoch)):
                 done = epoch * steps + step  # optimiser steps before this one
                 lr = lr_at(done, total, warmup, base_lr, args.min_lr)
                 for group in optimizer.param_groups:
@@ -125,11 +98,10 @@ def train(args):
                     loss, acc = task.step(net, imgs, labels, done / total)
                 optimizer_step(task.model, optimizer, loss, args.clip_grad, task.clip_each)
                 log.step(epoch, step + 1, loss, acc, len(imgs), lr, task.log_fields(done / total))
-                stopped = stop.agreed(loss, proc)  # the same answer on every process
-                if stopped:
-                    run.stop(stopped, epoch, step + 1, stop.signalled)  # saves or explains; exits
-            last = epoch + 1 == args.epochs
-            results = task.evaluate(last or (epoch + 1) % max(args.knn_every, 1) == 0)
+                why = stop.agreed(loss, proc)  # None, or why to stop: the same on every process
+                if why:
+                    run.stop(why, epoch, step + 1, stop.signalled)  # saves or explains; exits
+            results = task.evaluate(epoch + 1)
             log.epoch_summary(epoch + 1, results, data.stream.left_out(proc))
             log.draw_curves(task.chance())
             run.save(epoch + 1, 0)
@@ -144,25 +116,26 @@ def train(args):
 
 
 class Task:
-    """What the loop asks of pre-training and of fine-tuning alike. Each sets, once, its model,
-    parameter groups and betas, and says how to take a step and how to evaluate."""
+    """What the loop asks of every mode: a model, parameter groups and betas, set once; a step,
+    an evaluation, and what to draw and keep."""
+
+    acc_name, acc_key, betas = "train top-1", "train_top1", (0.9, 0.999)  # console, metrics.jsonl
 
     def __init__(self, args, data, proc):
         self.args, self.data, self.proc = args, data, proc
         self.source = source_line(args)  # where the weights come from, for the start-up line
         self.clip_each = per_parameter_clip(args.recipe, self.mode)
-        torch.manual_seed(args.seed)  # the same initial weights on every process
 
     def n_params(self):
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def chance(self):  # metrics.jsonl key -> its chance value, for curves.png
-        return {}
+        return {"test_top1": 100 / self.data.num_classes}
 
     def log_fields(self, progress):  # extra numbers for the progress line
         return {}
 
-    def write_outputs(self, folder, only_broken=False):  # files besides checkpoint.pt  -> names written
+    def write_outputs(self, folder, only_broken=False):  # files besides checkpoint.pt -> names
         return []
 
     def state_dict(self):  # what a checkpoint keeps of the task itself
@@ -173,19 +146,19 @@ class Task:
 
 
 class Pretraining(Task):
-    """DropPos: the model, its optimiser settings, its step, the k-NN monitor, and what a
-    pre-training run leaves behind besides its checkpoint (encoder.pt, reassembly.png)."""
+    """DropPos (droppos.py): its step, the held-out position scores and k-NN monitor, and what a
+    pre-training run leaves besides its checkpoint (encoder.pt, reassembly.png)."""
 
-    name, mode, betas, acc_name, acc_key = ("pre-training", "pretrain", (0.9, 0.95), "pos-acc",
-                                            "pos_top1")
+    name, mode, acc_name, acc_key = "pre-training", "pretrain", "pos-acc", "pos_top1"
+    betas = (0.9, 0.95)  # MAE's and the official DropPos code's
 
     def __init__(self, args, data, proc):
         super().__init__(args, data, proc)
         self.model = build_droppos(model_config(args)).to(proc.device)
-        self.groups = param_groups(self.model, args.weight_decay, no_decay=no_decay_rule(args.recipe, self.mode))
-        self.vis_imgs = data.picture_images() if proc.rank == 0 else None
-        # what the position head predicted on the held-out images, for the picture
-        self.beliefs = None
+        self.groups = param_groups(self.model, args.weight_decay,
+                                   no_decay=no_decay_rule(args.recipe, self.mode))
+        self.vis_imgs = picture_images(data) if proc.rank == 0 else None
+        self.beliefs = None  # the position head's predictions on the held-out images, to draw
 
     def sigma(self, progress):
         return sigma_at(self.args.sigma, progress, decay=not self.args.no_sigma_decay)
@@ -197,13 +170,12 @@ class Pretraining(Task):
     def log_fields(self, progress):
         return {"sigma": self.sigma(progress)}
 
-    def evaluate(self, due):
-        """Every epoch, what the position head predicts on the held-out images (top-1, within one
-        cell, distance); k-NN top-1 every --knn-every epochs and at the end."""
-        if self.data.held_out is None:
-            return {}
+    def evaluate(self, epochs_done=None):
+        """Each epoch, the position head on the held-out images (top-1, within one cell,
+        distance); k-NN top-1 every --knn-every epochs and at the end."""
         results, self.beliefs = head_positions(self.model, self.data, self.args, self.proc)
-        if due and self.args.knn_every:
+        every, last = max(self.args.knn_every, 1), epochs_done == self.args.epochs
+        if self.args.knn_every and epochs_done and (last or epochs_done % every == 0):
             results["knn_top1"] = run_knn(self.model.encoder, self.data, self.args, self.proc)
         return results
 
@@ -212,32 +184,15 @@ class Pretraining(Task):
                     knn_top1=100 / self.data.num_classes,
                     pos_top1=100 / self.model.encoder.num_patches)
 
-    def write_outputs(self, folder, only_broken=False):
-        """encoder.pt (timm's key names) and reassembly.png; with only_broken, just those that are
-        missing or unreadable.  -> names written."""
-        if self.proc.rank != 0:
-            return []
-        written = []
-        enc = folder / "encoder.pt"
-        if not (only_broken and readable_state(enc, self.model.encoder.state_dict().keys())):
-            atomic_write(enc, lambda f: torch.save(self.model.encoder.state_dict(), f))
-            written.append(enc.name)
-        png = folder / "reassembly.png"
-        if self.vis_imgs is not None and not (only_broken and readable_png(png)):
-            if self.beliefs is None and self.proc.world == 1:  # a finished run mending its picture
-                self.evaluate(due=False)  # (under torchrun that would need every process)
-            beliefs = (self.beliefs or {}).get("test_pos")
-            save_reassembly(self.model, self.vis_imgs, png, self.proc, beliefs)
-            written.append(png.name)
-        return written
+    def write_outputs(self, folder, only_broken=False):  # encoder.pt, reassembly.png
+        return write_pretraining_files(self, folder, only_broken)
 
 
 class Finetuning(Task):
     """A classifier on the pre-trained (or a random) encoder: MAE's fine-tuning recipe, layer-wise
     lr decay, MixUp/CutMix, label smoothing, and top-1 on the held-out images every epoch."""
 
-    name, mode, betas, acc_name, acc_key = ("fine-tuning", "finetune", (0.9, 0.999), "train top-1",
-                                            "train_top1")
+    name, mode = "fine-tuning", "finetune"
 
     def __init__(self, args, data, proc):
         super().__init__(args, data, proc)
@@ -246,16 +201,20 @@ class Finetuning(Task):
         self.groups = param_groups(self.model, args.weight_decay,
                                    lambda n: args.layer_decay ** (depth + 1 - layer_id(n, depth)),
                                    no_decay=no_decay_rule(args.recipe, self.mode))
-        self.mix = batch_mixer(args, data.num_classes)
+        mixers = [mix(alpha=a, num_classes=data.num_classes)
+                  for mix, a in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)) if a > 0]
+        self.mix = v2.RandomChoice(mixers) if mixers else None  # one of them per batch
         self.best = 0.0
 
-    def chance(self):
-        return {"test_top1": 100 / self.data.num_classes}
+    def step(self, net, imgs, labels, progress):
+        """Cross-entropy with label smoothing; MixUp/CutMix targets are probabilities, which
+        F.cross_entropy smooths alike.  -> loss, training top-1."""
+        imgs, target = self.mix(imgs, labels) if self.mix else (imgs, labels)
+        logits = net(imgs)
+        loss = F.cross_entropy(logits.float(), target, label_smoothing=self.args.smoothing)
+        return loss, (logits.argmax(-1) == labels).float().mean()
 
-    def step(self, net, imgs, labels, progress):  # -> loss, training top-1
-        return classification_step(net, imgs, labels, self.mix, self.args.smoothing)
-
-    def evaluate(self, due):  # every epoch: the classifier lives in checkpoint.pt, its top-1 here
+    def evaluate(self, epochs_done=None):  # the classifier lives in checkpoint.pt, its top-1 here
         top1 = evaluate_classifier(self.model, self.data, self.args, self.proc)
         self.best = max(self.best, top1)
         return {"test_top1": top1, "best_top1": self.best}
@@ -265,6 +224,25 @@ class Finetuning(Task):
 
     def load_state_dict(self, state):
         self.best = state["best"]
+
+
+class Classifier(nn.Module):
+    """The ViT with a fine-tuning head: mean patch token, LayerNorm, linear. mae_head (--recipe
+    paper) pools without the encoder's final norm, as MAE's global-pool head; the norm stays, so a
+    pre-trained state dict loads, frozen (unused, it would get no gradient: DDP refuses that)."""
+
+    def __init__(self, encoder, num_classes, mae_head=False):
+        super().__init__()
+        self.encoder, self.mae_head = encoder, mae_head
+        self.fc_norm = nn.LayerNorm(encoder.dim, eps=1e-6)
+        self.head = nn.Linear(encoder.dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE: a near-zero head starts stable
+        nn.init.zeros_(self.head.bias)
+        encoder.norm.requires_grad_(not mae_head)
+
+    def forward(self, imgs):  # (B, C, H, W) -> (B, classes)
+        tokens = self.encoder.forward_features(imgs, final_norm=not self.mae_head)
+        return self.head(self.fc_norm(tokens[:, 1:].mean(1)))
 
 
 class FrozenEncoder(nn.Module):
@@ -277,15 +255,11 @@ class FrozenEncoder(nn.Module):
 
 
 class LocationProbe(FrozenEncoder):
-    """The paper's location probe (its analysis section) on a frozen encoder.
-
-    Every patch is visible; the position embeddings of a random `pos_mask_ratio` of them are
-    replaced by one vector learned with the probe. It starts at zero for every encoder alike (the
-    paper does not say which vector it used). Two linear heads read the output features: `head`
-    predicts the positions of the patches that lost their embedding (the measure), `control` those
-    of the patches that kept it (a check that the probe can read a position that is there). The
-    vector's gradient flows through the encoder's activations, but the encoder's weights take none.
-    """
+    """The paper's location probe (its analysis section) on a frozen encoder: every patch visible,
+    the position embeddings of a random `pos_mask_ratio` of them replaced by one vector learned
+    with the probe (zero at start for every encoder: the paper does not say what it used). Linear
+    heads predict the positions of the patches that lost their embedding (`head`, the measure) and
+    of those that kept it (`control`: can a position that is there be read?)."""
 
     def __init__(self, encoder, pos_mask_ratio):
         super().__init__()
@@ -296,8 +270,7 @@ class LocationProbe(FrozenEncoder):
         self.head, self.control = nn.Linear(encoder.dim, N), nn.Linear(encoder.dim, N)
 
     def forward(self, imgs):  # (B, C, H, W) -> logits of head and control (B, N, N), dropped (B, N)
-        enc, B = self.encoder, len(imgs)
-        N = enc.num_patches
+        enc, B, N = self.encoder, len(imgs), self.encoder.num_patches
         ids = droppos.random_masking(B, N, self.n_drop, device=imgs.device)
         dropped = torch.zeros(B, N, dtype=torch.bool, device=imgs.device).scatter(1, ids, True)
         pos = torch.where(dropped[..., None], self.mask_vector, enc.pos_embed[:, 1:])  # (B, N, D)
@@ -306,9 +279,8 @@ class LocationProbe(FrozenEncoder):
 
 
 class LinearProbe(FrozenEncoder):
-    """MAE's linear probe on a frozen encoder: BatchNorm without affine parameters, then a linear
-    classifier, on the mean of the patch tokens after the final norm (the k-NN monitor's feature).
-    The encoder runs without gradient."""
+    """MAE's linear probe on a frozen encoder, which runs without gradient: BatchNorm without
+    affine parameters, then a linear classifier, on the mean patch token (k-NN's feature)."""
 
     def __init__(self, encoder, num_classes):
         super().__init__()
@@ -324,56 +296,44 @@ class LinearProbe(FrozenEncoder):
         return self.head(self.bn(feats.float()))
 
 
-class Probing(Task):
-    """A probe on a frozen encoder (a checkpoint's, or random weights): the two probes differ in
-    their model, step and evaluation only."""
-
-    betas = (0.9, 0.999)
+class LocationProbing(Task):
+    name, mode = "location probe", "location_probe"
 
     def __init__(self, args, data, proc):
         super().__init__(args, data, proc)
-        encoder = build_encoder(args)
-        self.model = self.probe(encoder, args, data).to(proc.device)
+        self.model = LocationProbe(build_encoder(args), args.pos_mask_ratio).to(proc.device)
         self.groups = param_groups(self.model, args.weight_decay)
-
-
-class LocationProbing(Probing):
-    name, mode, acc_name, acc_key = "location probe", "location_probe", "train top-1", "train_top1"
-
-    def probe(self, encoder, args, data):
-        return LocationProbe(encoder, args.pos_mask_ratio)
 
     def step(self, net, imgs, labels, progress):  # -> loss, top-1 over the dropped positions
         head, control, dropped = net(imgs)
-        # raster order
-        truth = torch.arange(head.shape[1], device=imgs.device).expand(len(imgs), -1)
+        truth = torch.arange(head.shape[1], device=imgs.device).expand(len(imgs), -1)  # raster
         loss = F.cross_entropy(head[dropped].float(), truth[dropped])
         if (~dropped).any():
             loss = loss + F.cross_entropy(control[~dropped].float(), truth[~dropped])
         return loss, (head.argmax(-1) == truth)[dropped].float().mean()
 
-    def evaluate(self, due):  # every epoch, on the held-out images, with masks seeded alike
+    def evaluate(self, epochs_done=None):  # each epoch, on the held-out images, masks seeded alike
         return probe_positions(self.model, self.data, self.args, self.proc)
 
     def chance(self):
         return chance_of_grid(self.model.encoder.grid, "probe")
 
 
-class LinearProbing(Probing):
-    name, mode, acc_name, acc_key = "linear probe", "linear_probe", "train top-1", "train_top1"
+class LinearProbing(Task):
+    name, mode = "linear probe", "linear_probe"
 
-    def probe(self, encoder, args, data):
-        return LinearProbe(encoder, data.num_classes)
+    def __init__(self, args, data, proc):
+        super().__init__(args, data, proc)
+        self.model = LinearProbe(build_encoder(args), data.num_classes).to(proc.device)
+        self.groups = param_groups(self.model, args.weight_decay)
 
     def step(self, net, imgs, labels, progress):  # -> loss, training top-1
         logits = net(imgs)
         return F.cross_entropy(logits.float(), labels), (logits.argmax(-1) == labels).float().mean()
 
-    def evaluate(self, due):
+    def evaluate(self, epochs_done=None):
         return {"test_top1": evaluate_classifier(self.model, self.data, self.args, self.proc)}
 
-    def chance(self):
-        return {"test_top1": 100 / self.data.num_classes}
 
 TASKS = {"pretrain": Pretraining, "finetune": Finetuning, "location_probe": LocationProbing,
          "linear_probe": LinearProbing}
@@ -381,10 +341,8 @@ TASKS = {"pretrain": Pretraining, "finetune": Finetuning, "location_probe": Loca
 
 def model_config(args):
     """DropPos constructor arguments: the preset, then any size overrides."""
-    cfg = dict(PRESETS[args.model])
-    for key in cfg:
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
+    cfg = {k: v if getattr(args, k) is None else getattr(args, k)
+           for k, v in PRESETS[args.model].items()}
     return dict(cfg, img_size=args.img_size, patch_size=args.patch_size, mask_ratio=args.mask_ratio,
                 pos_mask_ratio=args.pos_mask_ratio, pos_embed=args.pos_embed,
                 attentive=not args.no_attentive, tau=args.tau)
@@ -393,73 +351,8 @@ def model_config(args):
 def build_droppos(cfg):
     try:
         return DropPos(**cfg)
-    except ValueError as e:
+    except ValueError as e:  # a shape the model cannot take, e.g. heads that do not divide dim
         raise UserError(str(e)) from None
-
-
-def build_encoder(args, drop_path=0.0):
-    """The ViT of args' shape, with the weights of the mode's checkpoint unless it has none or a
-    resumed run's checkpoint brings them."""
-    cfg = model_config(args)
-    try:
-        encoder = ViT(cfg["img_size"], cfg["patch_size"], 3, cfg["dim"], cfg["depth"], cfg["heads"],
-                      cfg["pos_embed"], drop_path=drop_path)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if source_of(args) and not args.resume:
-        load_encoder(encoder, args)
-    return encoder
-
-
-class Classifier(nn.Module):
-    """The ViT with a fine-tuning head: average of the patch tokens, LayerNorm, linear.
-
-    mae_head (--recipe paper) pools the last block's tokens without the encoder's final norm, as
-    MAE's global-pool head (models_vit.py) does, which deletes that norm. Ours stays so that the
-    pre-trained state dict loads; it is frozen instead: unused, it would get no gradient (which
-    DistributedDataParallel refuses), and frozen it stays out of the optimiser's groups.
-    """
-
-    def __init__(self, encoder, num_classes, mae_head=False):
-        super().__init__()
-        self.encoder, self.mae_head = encoder, mae_head
-        self.fc_norm = nn.LayerNorm(encoder.dim, eps=1e-6)
-        self.head = nn.Linear(encoder.dim, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE: a near-zero head keeps early steps stable
-        nn.init.zeros_(self.head.bias)
-        if mae_head:
-            encoder.norm.requires_grad_(False)
-
-    def forward(self, imgs):  # (B, C, H, W) -> (B, classes)
-        tokens = self.encoder.forward_features(imgs, final_norm=not self.mae_head)
-        return self.head(self.fc_norm(tokens[:, 1:].mean(1)))
-
-
-def build_classifier(args, num_classes):
-    """The encoder the checkpoint holds (its shape is in args by now, see `take_encoder_shape`),
-    its weights loaded, under a fresh head. On --resume the weights come from the fine-tuning
-    checkpoint instead."""
-    return Classifier(build_encoder(args, args.drop_path), num_classes,
-                      mae_head=args.recipe == "paper")
-
-
-def batch_mixer(args, num_classes):
-    """MixUp / CutMix (torchvision v2), one of them per batch; None when both are off."""
-    mixers = []
-    if args.mixup > 0:
-        mixers.append(v2.MixUp(alpha=args.mixup, num_classes=num_classes))
-    if args.cutmix > 0:
-        mixers.append(v2.CutMix(alpha=args.cutmix, num_classes=num_classes))
-    return v2.RandomChoice(mixers) if mixers else None
-
-
-def classification_step(net, imgs, labels, mix, smoothing):
-    """Cross-entropy with label smoothing on (optionally MixUp/CutMix-mixed) images; mixed
-    targets are probabilities, which F.cross_entropy smooths alike.  -> loss, top-1."""
-    imgs, target = mix(imgs, labels) if mix is not None else (imgs, labels)
-    logits = net(imgs)
-    loss = F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
-    return loss, (logits.argmax(-1) == labels).float().mean()
 
 
 # ============================================================================================
@@ -467,41 +360,32 @@ def classification_step(net, imgs, labels, mix, smoothing):
 # ============================================================================================
 
 
-def laptop_no_decay(name, p):
-    """laptop: no weight decay on biases, norms, tokens ([CLS], [MASK]) and position embeddings."""
-    return p.ndim <= 1 or name.endswith(("token", "pos_embed"))
+# Which parameters AdamW leaves undecayed, by the recipe's `no_decay` switch: (name, p) -> bool.
+NO_DECAY = {  # laptop: biases, norms, tokens ([CLS], [MASK]) and position embeddings
+    "laptop": lambda name, p: p.ndim <= 1 or name.endswith(("token", "pos_embed")),
+    # official pre-training, timm's add_weight_decay without a skip list: the (1, 1, D) tokens decay
+    "1-D and biases": lambda name, p: p.ndim <= 1 or name.endswith(".bias"),
+    # MAE's param_groups_lrd: 1-D parameters and the ViT's no_weight_decay() names
+    "1-D and ViT's": lambda name, p: (p.ndim <= 1 or name.removeprefix("encoder.")
+                                      in ("pos_embed", "cls_token")),
+}
 
 
-def paper_pretrain_no_decay(name, p):
-    """paper pre-training: timm's add_weight_decay without a skip list (official main_pretrain.py):
-    only 1-D parameters and biases, so the (1, 1, D) cls_token and mask_pos_token are decayed."""
-    return p.ndim <= 1 or name.endswith(".bias")
+def no_decay_rule(recipe_name, mode):
+    return NO_DECAY[switch(recipe_name, mode, "no_decay")]
 
 
-def paper_finetune_no_decay(name, p):
-    """paper fine-tuning: MAE's param_groups_lrd: 1-D parameters and the ViT's no_weight_decay()
-    names, pos_embed and cls_token (under 'encoder.' in a Classifier)."""
-    return p.ndim <= 1 or name.removeprefix("encoder.") in ("pos_embed", "cls_token")
-
-
-def no_decay_rule(recipe, mode):
-    """The rule (name, param) -> True for the parameters AdamW leaves undecayed."""
-    if recipe == "laptop":
-        return laptop_no_decay
-    return paper_pretrain_no_decay if mode == "pretrain" else paper_finetune_no_decay
-
-
-def param_groups(model, weight_decay, lr_scale=None, no_decay=laptop_no_decay):
+def param_groups(model, weight_decay, lr_scale=None, no_decay=NO_DECAY["laptop"]):
     """AdamW groups: no weight decay where no_decay(name, param) says so (`no_decay_rule`), and,
-    for fine-tuning, an lr scale per parameter (layer-wise decay). Frozen parameters are left out."""
+    for fine-tuning, an lr scale per parameter (layer-wise decay). Frozen parameters are skipped."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         skip = bool(no_decay(name, p))
         scale = lr_scale(name) if lr_scale else 1.0
-        groups.setdefault((skip, scale), {"params": [], "weight_decay": 0.0 if skip else weight_decay,
-                                          "lr_scale": scale})["params"].append(p)
+        group = {"params": [], "weight_decay": 0.0 if skip else weight_decay, "lr_scale": scale}
+        groups.setdefault((skip, scale), group)["params"].append(p)
     return list(groups.values())
 
 
@@ -510,30 +394,21 @@ def make_optimizer(groups, betas, device, lr=1e-4):  # the loop sets each step's
 
 
 def optimizer_step(model, optimizer, loss, clip_grad, per_parameter=False):
-    """Backward, clip the gradient norm (0 = no clipping), update. The norm is all gradients'
-    together or, per_parameter (`per_parameter_clip`), each gradient's own."""
+    """Backward, clip the gradients' joint norm (0 = no clipping) or, per_parameter, each
+    gradient's own (`per_parameter_clip`: no layer's large gradient shrinks the others), update."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip_grad > 0:
-        (clip_each_gradient if per_parameter else nn.utils.clip_grad_norm_)(model.parameters(), clip_grad)
+        params = [p for p in model.parameters() if p.grad is not None]
+        for group in [[p] for p in params] if per_parameter else [params]:
+            nn.utils.clip_grad_norm_(group, clip_grad)  # g *= min(1, clip / (‖g‖ + 1e-6))
     optimizer.step()
 
 
-def per_parameter_clip(recipe, mode):
-    """Whether clipping bounds each gradient on its own: only the official DropPos pre-training
-    does (util/utils.py clip_gradients). MAE's fine-tuning, when asked to clip, clips the joint norm."""
-    return recipe == "paper" and mode == "pretrain"
-
-
-def clip_each_gradient(params, max_norm):
-    """g *= min(1, max_norm / (‖g‖ + 1e-6)) for each gradient on its own, as the official
-    clip_gradients: a large gradient in one layer no longer shrinks every other layer's update, as
-    one joint norm would. Nothing is read back to the host."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        norms = torch.stack([g.detach().norm(2) for g in grads])
-        for g, scale in zip(grads, (max_norm / (norms + 1e-6)).clamp(max=1.0)):
-            g.mul_(scale)
+def per_parameter_clip(recipe_name, mode):
+    """Whether clipping bounds each gradient on its own (the official pre-training's
+    clip_gradients); MAE's fine-tuning, when asked to clip, clips the joint norm."""
+    return switch(recipe_name, mode, "clip_each")
 
 
 def lr_at(step, total, warmup, base_lr, min_lr):
@@ -546,7 +421,7 @@ def lr_at(step, total, warmup, base_lr, min_lr):
 
 def layer_id(name, depth):
     """Depth of a fine-tuning parameter for layer-wise lr decay: embeddings 0, block i → i+1."""
-    if name.startswith("encoder.") and name.split(".")[1] in ("cls_token", "pos_embed", "patch_embed"):
+    if name.startswith(("encoder.cls_token", "encoder.pos_embed", "encoder.patch_embed")):
         return 0
     if name.startswith("encoder.blocks."):
         return int(name.split(".")[2]) + 1
@@ -558,47 +433,24 @@ def layer_id(name, depth):
 # ============================================================================================
 
 
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as MAE normalises
+
+
 class Data:
-    """The training stream (None for --evaluate, which trains nothing), the held-out images (None
-    where there are none), the class count."""
+    """The training stream (None for --evaluate), the held-out images, the class count."""
 
     def __init__(self, args, proc):
+        self.args, mode = args, mode_of(args)
         self.train, self.held_out, self.num_classes = load_datasets(args)
-        training = mode_of(args) != "evaluate"
-        if training and len(self.train) < args.batch_size * proc.world:
+        if mode != "evaluate" and len(self.train) < args.batch_size * proc.world:
             raise UserError(f"the training set has {len(self.train)} images, fewer than one batch "
                             f"({args.batch_size} × {proc.world} processes); lower --batch-size")
-        self.args = args
-        self.per_class = self.class_counts()
+        targets = torch.tensor(targets_of(self.train.dataset), dtype=torch.long)
+        self.per_class = targets[self.train.indices].bincount(minlength=self.num_classes).tolist()
         if proc.rank == 0:
-            self.warn_about_classes()
-        self.stream = (TrainStream(self.train, args, proc.rank, proc.world, mode_of(args), proc.device)
-                       if training else None)
-
-    def class_counts(self):
-        """Training images per class, for every class the run has (0 for a class with none)."""
-        targets = targets_of(self.train.dataset)
-        counts = [0] * self.num_classes
-        for i in self.train.indices:
-            counts[targets[i]] += 1
-        return counts
-
-    def warn_about_classes(self):
-        """Set-ups that train without complaint but are almost certainly not what was meant."""
-        names = getattr(self.train.dataset,
-                        "classes", None) or [str(c) for c in range(self.num_classes)]
-        if self.num_classes == 1:
-            warn("the data has one class: k-NN and fine-tuning top-1 are 100 % whatever is learned")
-        empty = [names[c] for c, n in enumerate(self.per_class) if n == 0]
-        if empty:
-            warn(f"{len(empty)} class(es) have no training image (e.g. {empty[0]!r}): the held-out "
-                 f"images of such a class cannot be classified right")
-        splits = sorted({n.lower() for n in names} & {"train", "training", "test", "val", "valid",
-                                                     "validation"})
-        if splits:
-            warn(f"the class folders of --data-dir are named like splits ({', '.join(splits)}): "
-                 f"--data-dir should be the training split itself, e.g. --data-dir "
-                 f"{Path(self.args.data_dir) / splits[-1]}")
+            warn_about_classes(self)
+        self.stream = (TrainStream(self.train, args, proc.rank, proc.world, mode, proc.device)
+                       if mode != "evaluate" else None)
 
     def describe(self):
         """The start-up line's account of the data."""
@@ -606,22 +458,6 @@ class Data:
         return (f"{len(self.stream.data)} images in {self.num_classes} classes "
                 f"({min(self.per_class)}-{max(self.per_class)} per class), {a.img_size} px, "
                 f"patch {a.patch_size}, grid {h}x{w}")
-
-    def picture_images(self):
-        """8 held-out images for reassembly.png, spread over the set: folders list their images
-        class by class, so the first 8 would often be of one class. Unreadable ones are left out."""
-        if self.held_out is None:
-            return None
-        tf, imgs = eval_transform(self.args.img_size, eval_crop_pct(self.args)), []
-        for i in range(0, len(self.held_out), max(len(self.held_out) // 8, 1)):
-            img = self.held_out[i][0]
-            if isinstance(img, str):
-                warn_unreadable([img])
-            else:
-                imgs.append(tf(img))
-            if len(imgs) == 8:
-                break
-        return torch.stack(imgs) if imgs else None
 
 
 def load_datasets(args):
@@ -633,9 +469,7 @@ def load_datasets(args):
         train, held_out = load_cifar(args)
     else:
         train, held_out = load_imagefolder(args)
-    num_classes = len(set(targets_of(train)))
-    if args.classes:
-        num_classes = min(num_classes, args.classes)
+    num_classes = min(len(set(targets_of(train))), args.classes or math.inf)
     keep = take_classes(targets_of(train), args.classes, args.per_class)
     if held_out is None:  # a deterministic hold-out: every 10th kept image
         held_out, keep = Subset(train, keep[::10]), [i for j, i in enumerate(keep) if j % 10]
@@ -654,194 +488,104 @@ def take_classes(targets, classes, per_class):
     """Indices of the images of the first `classes` classes, at most `per_class` each, in order."""
     keep, seen = [], {}
     for i, c in enumerate(targets):
-        if (classes is None or c < classes) and seen.get(c, 0) < (per_class or INF):
+        if (classes is None or c < classes) and seen.get(c, 0) < (per_class or math.inf):
             seen[c] = seen.get(c, 0) + 1
             keep.append(i)
     return keep
 
 
-def load_cifar(args):
-    """CIFAR-10/100 from --data-dir, downloaded there if absent. A failed download leaves nothing
-    behind; an archive already there that fails its checksum is named as such."""
-    cls = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
-    root, archive = Path(args.data_dir), Path(args.data_dir) / cls.filename
-    if archive.exists() and not torchvision.datasets.utils.check_integrity(str(archive),
-                                                                           cls.tgz_md5):
-        raise UserError(f"{str(archive)!r} is corrupt or incomplete (its "
-                        f"MD5 checksum does not match); "
-                        f"delete it and run again to download it, or put a good copy there")
-    before = set(root.rglob("*")) if root.exists() else None
-    try:
-        return cls(args.data_dir, train=True, download=True), cls(args.data_dir, train=False, download=True)
-    except Exception as e:  # network, disk or archive: all end the same way for the user
-        if before is None:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            for p in sorted(set(root.rglob("*")) - before, reverse=True):  # files before folders
-                p.rmdir() if p.is_dir() else p.unlink()
-        why = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"could not get {args.dataset} into {args.data_dir!r} ({type(e).__name__}: {why}). "
-                        f"Download {cls.filename} from https://www.cs.toronto.edu/~kriz/cifar.html "
-                        f"and put it in {args.data_dir!r} (or pass --data-dir), or "
-                        f"use --dataset synthetic, which "
-                        f"works offline") from None
-
-
 class TrainStream:
-    """This process's training batches for an epoch: augmented, normalised, on the device.
-
-    CIFAR-size sets are decoded once into memory and each batch is augmented in one resampling
-    call on the device (~1 ms of PIL work per image saved); photos are cropped one by one from
-    their full resolution by `SeededTransform`. Both seed the augmentation by (seed, epoch, batch
-    or image), so a resumed run sees exactly the crops of an uninterrupted one. Unreadable images
-    are left out with a warning that names them, and counted.
-    """
+    """This process's training batches, augmented and normalised on the device: CIFAR-size sets
+    are decoded once into memory and augmented a batch at a time, photos one by one from their full
+    resolution (`SeededTransform`). Both seed the augmentation by (seed, epoch, step or image), so
+    a resumed epoch sees the crops it would have seen."""
 
     def __init__(self, train_set, args, rank, world, mode, device):
-        self.size, self.seed, self.rank, self.device = args.img_size, args.seed, rank, device
+        self.args, self.rank, self.device = args, rank, device
         finetune = mode != "pretrain"  # probes augment as fine-tuning does (MAE's linear probe)
         self.scale = crop_scale(finetune)
-        # augment_batch can crop and flip but not RandAugment or RandomErasing, so MAE's fine-tuning
-        # augmentation (--recipe paper) takes the per-image path even for CIFAR-size sets. Exact resume
-        # holds there too: SeededTransform seeds each image by (seed, epoch, index).
-        mae_augment = mode == "finetune" and args.recipe == "paper"
+        # augment_batch can crop and flip but not RandAugment or RandomErasing: MAE's fine-tuning
+        # augmentation (--recipe paper) takes the per-image path even for CIFAR-size sets.
+        mae_augment = switch(args.recipe, mode, "mae_augment")
         stored = None if mae_augment else decode_in_memory(train_set, args.img_size)
         self.in_memory = stored is not None
         if self.in_memory:
-            images, labels, self.bad_at_start = stored
+            images, labels, bad = stored
             self.data = torch.utils.data.TensorDataset(images, labels)
-            collate = None
         else:
-            self.bad_at_start = []
-            self.data = SeededTransform(train_set, train_transform(args.img_size, finetune, mae_augment), args.seed)
-            collate = collate_readable
-        self.skipped = 0  # unreadable images met this epoch by this process
-        # Indexing a tensor needs no loader processes: they would only compete for the cores. The
-        # generator keeps the loader from drawing its seed from the global RNG (exact resume).
-        self.loader = DataLoader(self.data, args.batch_size, sampler=SkipSampler(self.data, rank, world, args.seed),
-                                 num_workers=0 if self.in_memory else args.workers, drop_last=True,
-                                 collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))
-        self.steps = len(self.loader)  # per epoch
+            transform = train_transform(args.img_size, finetune, mae_augment)
+            bad, self.data = [], SeededTransform(train_set, transform, args.seed)
+        self.bad_at_start = len(bad) if rank == 0 else 0  # left out of every epoch, counted once
+        # Indexing a tensor needs no loader processes: they would only compete for the cores.
+        self.workers = 0 if self.in_memory else args.workers
+        self.sampler = DistributedSampler(self.data, world, rank, seed=args.seed, drop_last=True)
+        self.steps = len(self.sampler) // args.batch_size  # per epoch
 
     def epoch(self, epoch, start_step=0):
-        """Yields (step, (images, labels)) on the device for the steps of `epoch` from start_step on."""
-        self.loader.sampler.set_epoch(epoch, skip=start_step * self.loader.batch_size)
-        self.skipped = 0
+        """(step, (images, labels)) on the device for each step of `epoch` from start_step on."""
+        a = self.args
+        self.sampler.set_epoch(epoch)
         if not self.in_memory:
             self.data.epoch = epoch
-        for step, batch in enumerate(self.loader, start_step):
+        order = list(self.sampler)[start_step * a.batch_size:]  # a resumed epoch starts mid-way
+        # The generator keeps the loader from drawing its seed from the global RNG (exact resume).
+        loader = DataLoader(self.data, a.batch_size, sampler=order, drop_last=True,
+                            num_workers=self.workers, collate_fn=collate_readable,
+                            generator=torch.Generator().manual_seed(a.seed))
+        self.skipped = self.bad_at_start  # unreadable images this process left out of the epoch
+        for step, (imgs, labels, bad) in enumerate(loader, start_step):
+            warn_unreadable(bad)
+            self.skipped += len(bad)
+            if imgs is None:
+                raise UserError(f"every image of a batch was unreadable, e.g. {bad[0]}")
+            imgs = imgs.to(self.device, non_blocking=True)
             if self.in_memory:
-                imgs, labels = batch
-                g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, step, self.rank))
-                imgs = augment_batch(imgs.to(self.device, non_blocking=True), self.size, self.scale, g)
-            else:
-                imgs, labels, bad = batch
-                warn_unreadable(bad)
-                self.skipped += len(bad)
-                if imgs is None:
-                    raise UserError(f"every image of a batch was unreadable, e.g. {bad[0]}")
-                imgs = imgs.to(self.device, non_blocking=True)
+                g = torch.Generator().manual_seed(mix_seed(a.seed, epoch, step, self.rank))
+                imgs = augment_batch(imgs, a.img_size, self.scale, g)
             yield step, (imgs, labels.to(self.device, non_blocking=True))
 
     def left_out(self, proc):
         """Unreadable training images left out of the epoch that just ended, over all processes."""
-        n = self.skipped + (len(self.bad_at_start) if proc.rank == 0 else 0)
+        n = torch.tensor(self.skipped, device=proc.device)
         if proc.world > 1:
-            t = torch.tensor([float(n)], device=proc.device)
-            dist.all_reduce(t)
-            n = int(t.item())
-        return n
-
-
-def decode_in_memory(dataset, size, limit_bytes=2 ** 31):
-    """A CIFAR-size training set as one uint8 tensor (M, 3, size, size), its labels (M,) and the
-    paths of the images that could not be read (left out, and named in a warning).
-
-    None when the images are larger than 64 px, not already size×size, or would fill more than
-    2 GiB: such photos are cropped one by one from their full resolution instead.
-    """
-    if size > 64 or len(dataset) * 3 * size * size > limit_bytes:
-        return None
-    base, idx = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, range(len(dataset)))
-    if isinstance(base, torchvision.datasets.CIFAR10):  # CIFAR-100 too: it subclasses CIFAR-10
-        idx = torch.as_tensor(list(idx), dtype=torch.long)
-        return (torch.from_numpy(base.data).permute(0, 3, 1, 2)[idx].contiguous(),
-                torch.tensor(base.targets)[idx], [])
-    images = torch.empty(len(dataset), 3, size, size, dtype=torch.uint8)
-    labels = torch.empty(len(dataset), dtype=torch.long)
-    n, bad = 0, []
-    for i in range(len(dataset)):
-        img, label = dataset[i]
-        if isinstance(img, str):
-            bad.append(img)
-            continue
-        if img.size != (size, size):
-            return None
-        images[n], labels[n] = v2.functional.pil_to_tensor(img), label
-        n += 1
-    warn_unreadable(bad)
-    return images[:n], labels[:n], bad
-
-
-class SkipSampler(torch.utils.data.Sampler):
-    """A distributed, seeded shuffle per epoch that can start part-way through (mid-epoch resume)."""
-
-    def __init__(self, dataset, rank, world, seed):
-        self.inner = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
-        self.skip = 0
-
-    def set_epoch(self, epoch, skip=0):
-        self.inner.set_epoch(epoch)
-        self.skip = skip
-
-    def __iter__(self):
-        return iter(list(self.inner)[self.skip:])
-
-    def __len__(self):
-        return len(self.inner) - self.skip
+            dist.all_reduce(n)
+        return int(n)
 
 
 def mix_seed(*parts):
     """One 63-bit seed from several integers, different for different tuples in practice."""
-    h = 0
-    for p in parts:
-        h = (h * 1_000_003 + p) % 2 ** 63
-    return h
+    return functools.reduce(lambda h, p: (h * 1_000_003 + p) % 2 ** 63, parts, 0)
 
 
 def crop_scale(finetune):
-    # Paper: RandomResizedCrop(scale 0.2-1) + flip for pre-training; MAE fine-tuning crops from 0.08.
+    # Paper: RandomResizedCrop(scale 0.2-1) + flip to pre-train; MAE's fine-tuning crops from 0.08.
     return (0.08 if finetune else 0.2, 1.0)
 
 
 def augment_batch(imgs, size, scale, generator):
     """`train_transform` for a whole uint8 batch (B, 3, S, S) on its device: RandomResizedCrop,
     horizontal flip, normalisation.  -> (B, 3, size, size) float."""
-    B, _, H, W = imgs.shape
-    boxes = random_crop_boxes(B, H, W, scale, generator)
-    flip = torch.rand(B, generator=generator) < 0.5
+    # RandomResizedCrop for a whole batch in one grid_sample call: saves ~1 ms of PIL per image.
+    boxes = random_crop_boxes(len(imgs), *imgs.shape[2:], scale, generator)
+    flip = torch.rand(len(imgs), generator=generator) < 0.5
     # Bicubic overshoots; clamping matches what resampling 8-bit images gives.
-    return normalize(resample_crops(imgs.float() / 255, boxes, flip, size).clamp(0, 1))
+    crops = resample_crops(imgs.float() / 255, boxes, flip, size).clamp(0, 1)
+    return v2.functional.normalize(crops, MEAN, STD)  # as the per-image transforms do
 
 
 def random_crop_boxes(n, height, width, scale, generator, ratio=(3 / 4, 4 / 3), tries=10):
-    """RandomResizedCrop's boxes for n images at once.  -> (n, 4) float: top, left, height, width.
-
-    As torchvision draws them: area share uniform in `scale`, aspect ratio log-uniform in `ratio`,
-    the first of `tries` draws that fits inside the image, else the whole image (torchvision's
-    fallback for a square image), and a uniformly placed top-left corner.
-    """
+    """RandomResizedCrop's boxes for n images at once, drawn as torchvision draws them.
+    -> (n, 4) float: top, left, height, width."""
+    # Area share uniform in `scale`, aspect ratio log-uniform in `ratio`: the first of `tries`
+    # draws that fits, else the whole image (torchvision's fallback for a square image).
     area = torch.empty(n, tries).uniform_(*scale, generator=generator) * height * width
-    aspect = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
-    w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
-    fits = (w >= 1) & (w <= width) & (h >= 1) & (h <= height)
-    first = fits.int().argmax(1, keepdim=True)  # the first draw that fits
-    any_fit = fits.any(1)
-    h = torch.where(any_fit, h.gather(1, first)[:, 0], float(height))
-    w = torch.where(any_fit, w.gather(1, first)[:, 0], float(width))
-    top = (torch.rand(n, generator=generator) * (height - h + 1)).floor()
-    left = (torch.rand(n, generator=generator) * (width - w + 1)).floor()
-    return torch.stack([top, left, h, w], dim=1)
+    aspect = torch.empty(n, tries).uniform_(*map(math.log, ratio), generator=generator).exp()
+    hw = torch.stack([(area / aspect).sqrt(), (area * aspect).sqrt()], -1).round()  # (n, tries, 2)
+    image = torch.tensor([height, width], dtype=torch.float)
+    fits = ((hw >= 1) & (hw <= image)).all(-1)  # (n, tries)
+    hw = torch.where(fits.any(1, keepdim=True), hw[torch.arange(n), fits.int().argmax(1)], image)
+    corner = (torch.rand(2, n, generator=generator).T * (image - hw + 1)).floor()  # uniform
+    return torch.cat([corner, hw], 1)
 
 
 def resample_crops(imgs, boxes, flip, size):
@@ -851,30 +595,11 @@ def resample_crops(imgs, boxes, flip, size):
     top, left, h, w = boxes.unbind(1)
     # affine_grid maps output coordinates in [-1, 1] (pixel edges, align_corners=False) to input
     # coordinates: the output's edges land on the box's edges.
-    theta = torch.zeros(B, 2, 3)
-    theta[:, 0, 0] = torch.where(flip, -w / W, w / W)
-    theta[:, 0, 2] = (2 * left + w) / W - 1
-    theta[:, 1, 1] = h / H
-    theta[:, 1, 2] = (2 * top + h) / H - 1
+    zero, sx = torch.zeros_like(w), torch.where(flip, -w, w)  # a negative x scale mirrors
+    theta = torch.stack([sx / W, zero, (2 * left + w) / W - 1,
+                         zero, h / H, (2 * top + h) / H - 1], 1).view(B, 2, 3)
     grid = F.affine_grid(theta.to(imgs.device), [B, C, size, size], align_corners=False)
     return F.grid_sample(imgs, grid, mode="bicubic", padding_mode="border", align_corners=False)
-
-
-def _mean_std(device):
-    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1),
-            torch.tensor(STD, device=device).view(1, 3, 1, 1))
-
-
-def normalize(imgs):
-    """(B, 3, H, W) in [0, 1] -> ImageNet-normalised, as the per-image transforms do."""
-    mean, std = _mean_std(imgs.device)
-    return (imgs - mean) / std
-
-
-def denormalize(imgs):
-    """Inverse of `normalize`, clamped to [0, 1] for display."""
-    mean, std = _mean_std(imgs.device)
-    return (imgs * std + mean).clamp(0, 1)
 
 
 # ============================================================================================
@@ -882,14 +607,13 @@ def denormalize(imgs):
 # ============================================================================================
 
 
-def held_out_batches(data, args, proc, batch_size):
-    """This process's share of the held-out images, unaugmented, as (images, labels) on the device."""
-    ds = SeededTransform(data.held_out, eval_transform(args.img_size, eval_crop_pct(args)), 0)
-    return readable_batches(Subset(ds, range(proc.rank, len(ds), proc.world)), batch_size, args, proc)
-
-
-def readable_batches(ds, batch_size, args, proc):
-    for imgs, labels, bad in DataLoader(ds, batch_size, num_workers=args.workers, collate_fn=collate_readable):
+def eval_batches(images, args, proc, batch_size):
+    """This process's share of a set of images, unaugmented, as (images, labels) on the device;
+    unreadable images are named and left out."""
+    ds = SeededTransform(images, eval_transform(args.img_size, eval_crop_pct(args)), 0)
+    shard = Subset(ds, range(proc.rank, len(ds), proc.world))
+    loader = DataLoader(shard, batch_size, num_workers=args.workers, collate_fn=collate_readable)
+    for imgs, labels, bad in loader:
         warn_unreadable(bad)
         if imgs is not None:
             yield imgs.to(proc.device, non_blocking=True), labels.to(proc.device, non_blocking=True)
@@ -897,29 +621,20 @@ def readable_batches(ds, batch_size, args, proc):
 
 @torch.no_grad()
 def extract_features(encoder, batches, proc):
-    """L2-normalised average of the encoder's patch tokens per image, from every process.  -> (M, D), (M,)."""
-    feats = [torch.zeros(0, encoder.dim, device=proc.device)]  # so that a process with no images still gathers
+    """L2-normalised mean of the encoder's patch tokens per image, from every process in rank
+    order.  -> (M, D), (M,)."""
+    feats = [torch.zeros(0, encoder.dim, device=proc.device)]  # for a process with no images
     labels = [torch.zeros(0, dtype=torch.long, device=proc.device)]
     for imgs, y in batches:
         with autocast(proc):
             f = encoder.forward_features(imgs)[:, 1:].mean(1)
         feats.append(F.normalize(f.float(), dim=-1))
         labels.append(y)
-    feats, labels = torch.cat(feats), torch.cat(labels)
     if proc.world == 1:
-        return feats, labels
-    # Shares differ by a few images: pad to the longest, gather, cut the padding off again.
-    n = torch.tensor([len(feats)], device=proc.device)
-    sizes = [torch.zeros_like(n) for _ in range(proc.world)]
-    dist.all_gather(sizes, n)
-    longest = int(max(s.item() for s in sizes))
-    pad = lambda t: torch.cat([t, t.new_zeros(longest - len(t), *t.shape[1:])])
-    all_f = [torch.zeros(longest, encoder.dim, device=proc.device) for _ in sizes]
-    all_y = [torch.zeros(longest, dtype=torch.long, device=proc.device) for _ in sizes]
-    dist.all_gather(all_f, pad(feats))
-    dist.all_gather(all_y, pad(labels))
-    keep = [slice(0, int(s.item())) for s in sizes]
-    return torch.cat([f[k] for f, k in zip(all_f, keep)]), torch.cat([y[k] for y, k in zip(all_y, keep)])
+        return torch.cat(feats), torch.cat(labels)
+    shares = [None] * proc.world  # once per k-NN pass: gathering CPU tensors is fast enough
+    dist.all_gather_object(shares, (torch.cat(feats).cpu(), torch.cat(labels).cpu()))
+    return tuple(torch.cat(parts).to(proc.device) for parts in zip(*shares))
 
 
 def knn_classify(train_feats, train_labels, test_feats, num_classes, k=20, t=0.07, chunk=512):
@@ -938,10 +653,8 @@ def run_knn(encoder, data, args, proc):
     """k-NN top-1 (%) of the encoder's features on the held-out images, the training images as
     the bank. Every process embeds its share of both, so none waits idle in a collective."""
     encoder.eval()
-    train_ds = SeededTransform(data.train, eval_transform(args.img_size, eval_crop_pct(args)), 0)
-    shard = Subset(train_ds, range(proc.rank, len(train_ds), proc.world))
-    bank_f, bank_y = extract_features(encoder, readable_batches(shard, 256, args, proc), proc)
-    test_f, test_y = extract_features(encoder, held_out_batches(data, args, proc, 256), proc)
+    bank_f, bank_y = extract_features(encoder, eval_batches(data.train, args, proc, 256), proc)
+    test_f, test_y = extract_features(encoder, eval_batches(data.held_out, args, proc, 256), proc)
     encoder.train()
     pred = knn_classify(bank_f, bank_y, test_f, data.num_classes, args.knn_k, args.knn_t)
     return 100.0 * (pred == test_y).float().mean().item()
@@ -952,7 +665,7 @@ def evaluate_classifier(model, data, args, proc):
     """Top-1 (%) on the held-out images, split across processes."""
     model.eval()
     counts = torch.zeros(2, device=proc.device)  # right, seen
-    for imgs, y in held_out_batches(data, args, proc, args.batch_size):
+    for imgs, y in eval_batches(data.held_out, args, proc, args.batch_size):
         with autocast(proc):
             logits = model(imgs)
         counts[0] += (logits.argmax(-1) == y).sum()
@@ -983,35 +696,36 @@ def probe_positions(probe, data, args, proc):
 
 @torch.no_grad()
 def held_out_positions(predict, data, args, proc, grid, keep=20_000):
-    """Position scores over the held-out images (every process its share), for each group that
-    predict(imgs) -> {name: (logits (B, n, N), true cells (B, n), scored (B, n) bool)} returns.
-    Masks are seeded by --seed, so every epoch scores the same patches, and the training RNG is
-    left as it was (exact resume).  -> ({name_top1 %, name_within1 %, name_distance cells},
-    {name: (probs (M, N), true cells (M,))} of up to `keep` patches of this process, for
-    pictures)."""
+    """Position scores on the held-out images (each process its share) of every group that
+    predict(imgs) -> {name: (logits (B, n, N), true cells (B, n), scored (B, n) bool)} returns,
+    and for pictures {name: (probs (M, N), true cells (M,))} of up to `keep` of this process's
+    patches. Masks are seeded by --seed, so every epoch scores the same patches, and the training
+    RNG is left as it was (exact resume)."""
     sums, kept = {}, {}
     with torch.random.fork_rng([proc.device] if proc.device.type == "cuda" else []):
         torch.manual_seed(args.seed)
-        for imgs, _ in held_out_batches(data, args, proc, 256):
+        for imgs, _ in eval_batches(data.held_out, args, proc, 256):
             with autocast(proc):
                 groups = predict(imgs)
             for name, (logits, true, scored) in groups.items():
                 probs, true = logits[scored].float().softmax(-1), true[scored]
-                s, n = position_scores(probs, true, grid), len(true)
-                sums[name] = sums.get(name, 0) + torch.tensor([s["top1"], s["within1"],
-                                                               s["distance"], 1.0]) * n
+                s = position_scores(probs, true, grid)
+                s = torch.tensor([s["top1"], s["within1"], s["distance"], 1.0]) * len(true)
+                sums[name] = sums.get(name, 0) + s  # weighted by the patches scored
                 p, t = kept.setdefault(name, ([], []))
-                if sum(map(len, t)) < keep:
-                    p.append(probs.cpu()), t.append(true.cpu())
+                if sum(map(len, t)) < keep:  # until the picture has enough
+                    p.append(probs.cpu())
+                    t.append(true.cpu())
     results = {}
     for name, s in sorted(sums.items()):
         if proc.world > 1:
             s = s.to(proc.device)
             dist.all_reduce(s)
         top1, within1, distance = (s[:3] / s[3].clamp(min=1)).tolist()
-        results.update({f"{name}_top1": 100 * top1, f"{name}_within1": 100 * within1,
-                        f"{name}_distance": distance})
-    return results, {k: (torch.cat(p)[:keep], torch.cat(t)[:keep]) for k, (p, t) in kept.items() if p}
+        results |= {f"{name}_top1": 100 * top1, f"{name}_within1": 100 * within1,
+                    f"{name}_distance": distance}
+    pictured = {k: (torch.cat(p)[:keep], torch.cat(t)[:keep]) for k, (p, t) in kept.items() if p}
+    return results, pictured
 
 
 def position_scores(probs, true_pos, grid):
@@ -1043,214 +757,234 @@ def chance_of_grid(grid, name):
 
 
 # ============================================================================================
-# 6. The command line
+# 6. The command line: each flag's facts in one place, the recipes as data
 # ============================================================================================
+
+DATASETS = {"cifar10": 32, "cifar100": 32, "imagefolder": 224, "synthetic": 32}  # image size
+# What a command does: the flag that chose it (at most one), else pre-training.
+MODES = ("benchmark", "evaluate", "finetune", "location_probe", "linear_probe")
+PRETRAIN = {"pretrain", "benchmark"}  # --benchmark times pre-training steps
+TRAINS = PRETRAIN | {"finetune", "location_probe", "linear_probe"}
+
+# --recipe: per mode, the defaults of the flags the user did not type, and switches that no flag
+# sets (read by `switch`). laptop's are tuned for short CPU runs. paper's pre-training is the
+# official DropPos code's (main_pretrain.py, scripts/pretrain_base.sh: the ViT-B decoder dec512d2b
+# whatever the encoder, each gradient clipped on its own, [CLS] and [MASK] decayed), its
+# fine-tuning DropPos's scripts, which run MAE's recipe (no clipping, a floor under the cosine,
+# RandAugment and RandomErasing, a head pooling without the encoder's norm, 224/256 evaluation
+# crop). Entries equal to the parser's default are listed too: each column reads as the recipe.
+SWITCHES = dict(no_decay="laptop", clip_each=False, mae_head=False, mae_augment=False,
+                eval_crop=1.0)
+RECIPES = {
+    "laptop": {"pretrain": dict(blr=2e-3), "finetune": dict(blr=1e-3),
+               "probe": dict(blr=1e-2, weight_decay=0.0)},  # a linear head on frozen features
+    "paper": {"every mode": dict(eval_crop=224 / 256),
+              "pretrain": dict(blr=1.5e-4, warmup_epochs=10.0, min_lr=0.0, weight_decay=0.05,
+                               clip_grad=5.0, decoder_dim=512, decoder_depth=2, decoder_heads=16,
+                               no_decay="1-D and biases", clip_each=True),
+              "finetune": dict(blr=1e-3, warmup_epochs=5.0, min_lr=1e-6, weight_decay=0.05,
+                               clip_grad=0.0, layer_decay=0.75, drop_path=0.1, smoothing=0.1,
+                               mixup=0.8, cutmix=1.0, no_decay="1-D and ViT's", mae_head=True,
+                               mae_augment=True),
+              "probe": dict(blr=1e-2, weight_decay=0.0)},  # MAE: LARS, batch 16384; AdamW here
+}
+
+
+def recipe(name, mode):
+    """What --recipe `name` sets in `mode`: flag defaults and switches (probes share a column,
+    --benchmark reads pre-training's)."""
+    column = "probe" if mode.endswith("probe") else "pretrain" if mode == "benchmark" else mode
+    return {**RECIPES[name].get("every mode", {}), **RECIPES[name].get(column, {})}
+
+
+def switch(recipe_name, mode, key):
+    """One of the recipe's SWITCHES for a mode."""
+    return recipe(recipe_name, mode).get(key, SWITCHES[key])
+
+
+def number(kind, low, high=math.inf, low_in=True, high_in=False):
+    """An argparse type: a `kind` in the range (NaN fails every comparison, so it is refused)."""
+    def parse(text):
+        v = kind(text)
+        if (v >= low if low_in else v > low) and (v <= high if high_in else v < high):
+            return v
+        bounds = (f"{'>=' if low_in else '>'} {low}" if high == math.inf else
+                  f"in {'[(' [not low_in]}{low}, {high}{'])' [not high_in]}")
+        raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
+    return parse
+
+
+COUNT, NATURAL = number(int, 1), number(int, 0)
+SHARE, POSITIVE, NONNEGATIVE = number(float, 0, 1), number(float, 0, low_in=False), number(float, 0)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # a typo is bad input like any other: one line, exit code 2
+        message = re.sub(r"^argument (\S+): must", r"\1 must", message)  # from `number`
+        raise UserError(f"{message} (see --help)")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help shows each flag's default, where it has one, and the default --recipe paper gives it."""
+    """--help shows each flag's default, where it has one, and the default --recipe paper gives."""
 
     def _get_help_string(self, action):
-        paper = paper_default_text(action.dest)
-        if not any(action.default is v for v in (None, False, argparse.SUPPRESS)):  # `is`: 0 == False
+        modes = {m: RECIPES["paper"][m][action.dest] for m in ("pretrain", "finetune")
+                 if action.dest in RECIPES["paper"][m]}
+        paper = ("" if not modes else f"; --recipe paper: {modes['pretrain']} pre-training, "
+                 f"{modes['finetune']} fine-tuning" if len(set(modes.values())) > 1
+                 else f"; --recipe paper: {next(iter(modes.values()))}")
+        if not any(action.default is v for v in (None, False, argparse.SUPPRESS)):  # 0 == False
             return f"{action.help} (default: %(default)s{paper})"
         if paper and action.help.endswith(")"):  # a default written into the help: "(default: ...)"
             return f"{action.help[:-1]}{paper})"
         return action.help + (f" ({paper[2:]})" if paper else "")
 
 
-def paper_default_text(dest):
-    """'; --recipe paper: X' for --help, per mode where the modes differ; '' for other flags."""
-    values = {mode: RECIPES["paper"][mode][dest] for mode in ("pretrain", "finetune") if dest in RECIPES["paper"][mode]}
-    if not values:
-        return ""
-    if len(set(values.values())) == 1:
-        return f"; --recipe paper: {next(iter(values.values()))}"
-    return f"; --recipe paper: {values['pretrain']} pre-training, {values['finetune']} fine-tuning"
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # a typo is bad input like any other: one line, exit code 2
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser():
+    """Every flag once: its group, type (whose range it checks), default and help, the modes it
+    applies in (`applies`; every mode if absent), whether --resume may change it (`free`: it
+    changes nothing the run learns) and whether it is the encoder's shape (`shape`)."""
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10", choices=list(DATASETS),
-                   help="what to train on; synthetic needs no download")
-    g.add_argument("--data-dir", default="data", help="where CIFAR is downloaded to; for imagefolder, "
-                   "the ImageFolder tree (one sub-folder per class) of training images")
-    g.add_argument("--val-dir", help="imagefolder: a held-out ImageFolder tree for k-NN and fine-tuning "
-                   "top-1 (default: every 10th training image is held out)")
-    g.add_argument("--classes", type=int, help="keep only the first K classes (default: all)")
-    g.add_argument("--per-class", type=int, help="keep at most M training images per class (default: all)")
-    g.add_argument("--synthetic-size", type=int, default=2048, help="synthetic: number of training images")
-    g.add_argument("--workers", type=int, help="loader processes for photos (default: 0 on a CPU, where "
-                   "they would compete with the training step for the cores; 8 on a GPU). CIFAR-size "
-                   "sets are held in memory and use none")
 
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="encoder and decoder preset")
-    g.add_argument("--img-size", type=int, help="training resolution (default: 32 for CIFAR and "
-                   "synthetic, 224 for imagefolder)")
-    g.add_argument("--patch-size", type=int, help="patch size (default: 4 at 32 px, else 16)")
-    for name, what in [("dim", "encoder width"), ("depth", "encoder blocks"), ("heads", "encoder heads"),
-                       ("decoder-dim", "decoder width"), ("decoder-depth", "decoder blocks"),
-                       ("decoder-heads", "decoder heads")]:
-        g.add_argument(f"--{name}", type=int, help=f"{what} (default: the preset's)")
+    def group(title):
+        g = p.add_argument_group(title)
 
-    g = p.add_argument_group("method (paper section 3; each ablation is one flag)")
-    g.add_argument("--mask-ratio", type=float, default=0.75, help="γ: share of patches hidden")
-    g.add_argument("--pos-mask-ratio", type=float, default=0.75,
-                   help="γ_pos: share of visible patches whose position embedding is dropped")
-    g.add_argument("--sigma", type=float, default=1.0, help="σ0 of position smoothing (0 = one-hot targets)")
-    g.add_argument("--no-sigma-decay", action="store_true", help="keep σ = σ0 instead of decaying it to 0")
-    g.add_argument("--no-attentive", action="store_true", help="uniform loss weights instead of attentive ones")
-    g.add_argument("--tau", type=float, default=0.1, help="τ: temperature of attentive reconstruction")
-    g.add_argument("--pos-embed", default="sincos", choices=["sincos", "learnable"],
-                   help="fixed 2-D sin-cos position embedding, or a learned one")
+        def add(name, help, applies=None, free=False, shape=False, **kw):
+            action = g.add_argument(name, help=help, **kw)
+            action.applies, action.free, action.shape = applies, free, shape
+        return add
 
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--recipe", default="laptop", choices=sorted(RECIPES),
-                   help="laptop: defaults for small runs on a CPU budget. paper: the official DropPos "
-                   "pre-training (its defaults below, the ViT-B decoder at any size, each gradient clipped "
-                   "on its own, [CLS] and [MASK] tokens decayed) and MAE's fine-tuning as DropPos runs it "
-                   "(RandAugment and RandomErasing, a head that pools without the encoder's final norm, 224/256 "
-                   "evaluation crop). Flags you type win over either")
-    g.add_argument("--epochs", type=int, default=100, help="length of the run")
-    g.add_argument("--batch-size", type=int, default=64, help="images per step and process")
-    g.add_argument("--blr", type=float, help="base lr; lr = blr × total batch / 256 (default: 2e-3 "
-                   "for pre-training, 1e-3 for fine-tuning, 1e-2 for the probes)")
-    g.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine")
-    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear lr warm-up")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
-    g.add_argument("--clip-grad", type=float, default=5.0, help="gradient-norm clipping (0 = none); "
-                   "--recipe paper pre-training clips each parameter's gradient to this norm on its own")
-    g.add_argument("--seed", type=int, default=0, help="seeds data order, augmentation, masking, init")
+    add = group("data")
+    add("--dataset", "what to train on; synthetic needs no download", default="cifar10",
+        choices=list(DATASETS))
+    add("--data-dir", "where CIFAR is downloaded to; for imagefolder, the ImageFolder tree (one "
+        "sub-folder per class) of training images", default="data", free=True)
+    add("--val-dir", "imagefolder: a held-out ImageFolder tree for k-NN and fine-tuning top-1 "
+        "(default: every 10th training image is held out)", free=True)
+    add("--classes", "keep only the first K classes (default: all)", type=COUNT)
+    add("--per-class", "keep at most M training images per class (default: all)", type=COUNT)
+    add("--synthetic-size", "synthetic: number of training images", type=COUNT, default=2048)
+    add("--workers", "loader processes for photos (default: 0 on a CPU, where they would compete "
+        "with the training step for the cores; 8 on a GPU). CIFAR-size sets are held in memory "
+        "and use none", type=NATURAL, free=True)
 
-    g = p.add_argument_group("fine-tuning")
-    g.add_argument("--finetune", metavar="CHECKPOINT|scratch", help="train a classifier on the encoder of a "
-                   "pre-training run (its checkpoint.pt or encoder.pt), or on a random one ('scratch')")
-    g.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay")
-    g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the last block")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    g.add_argument("--mixup", type=float, default=0.8, help="MixUp alpha (0 = off)")
-    g.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0 = off)")
+    add = group("model")
+    add("--model", "encoder and decoder preset", default="tiny", choices=sorted(PRESETS))
+    add("--img-size", "training resolution (default: 32 for CIFAR and synthetic, 224 for "
+        "imagefolder)", type=COUNT, shape=True)
+    add("--patch-size", "patch size (default: 4 at 32 px, else 16)", type=COUNT, shape=True)
+    for name, what, applies in [("dim", "encoder width", None), ("depth", "encoder blocks", None),
+                                ("heads", "encoder heads", None),
+                                ("decoder-dim", "decoder width", PRETRAIN | {"evaluate"}),
+                                ("decoder-depth", "decoder blocks", PRETRAIN | {"evaluate"}),
+                                ("decoder-heads", "decoder heads", PRETRAIN | {"evaluate"})]:
+        add(f"--{name}", f"{what} (default: the preset's)", applies, type=COUNT,
+            shape=not applies)
 
-    g = p.add_argument_group("evaluation and probes (any checkpoint: "
-                             "train.py's, the official DropPos "
-                             "code's, MAE's, timm's)")
-    g.add_argument("--evaluate", metavar="CHECKPOINT",
-                   help="train nothing: position top-1, within one cell and distance on the "
-                   "held-out images (with a position head), k-NN, test top-1 (a "
-                   "fine-tuning checkpoint), the picture; evaluation.json and one JSON line")
-    g.add_argument("--location-probe", metavar="CHECKPOINT|random",
-                   help="the paper's location probe: a frozen encoder, every patch visible, the "
-                   "position embeddings of --pos-mask-ratio of "
-                   "them replaced by one learned vector, linear heads predicting positions")
-    g.add_argument("--linear-probe", metavar="CHECKPOINT|random",
-                   help="MAE's linear probe: a frozen "
-                   "encoder, BatchNorm without affine parameters and a linear classifier")
+    add = group("method (paper section 3; each ablation is one flag)")
+    add("--mask-ratio", "γ: share of patches hidden", PRETRAIN, type=float, default=0.75)
+    add("--pos-mask-ratio", "γ_pos: share of visible patches whose position embedding is dropped",
+        PRETRAIN | {"location_probe"}, type=float, default=0.75)
+    add("--sigma", "σ0 of position smoothing (0 = one-hot targets)", PRETRAIN, type=NONNEGATIVE,
+        default=1.0)
+    add("--no-sigma-decay", "keep σ = σ0 instead of decaying it to 0", PRETRAIN,
+        action="store_true")
+    add("--no-attentive", "uniform loss weights instead of attentive ones", PRETRAIN,
+        action="store_true")
+    add("--tau", "τ: temperature of attentive reconstruction", PRETRAIN, type=float, default=0.1)
+    add("--pos-embed", "fixed 2-D sin-cos position embedding, or a learned one", default="sincos",
+        choices=["sincos", "learnable"], shape=True)
 
-    g = p.add_argument_group("output and evaluation")
-    g.add_argument("--output-dir", help="the run's folder (default: runs/<dataset>-pretrain, "
-                   "runs/<dataset>-scratch or runs/<pre-training run>-finetune, then -paper for --recipe "
-                   "paper and -seedN for seed N > 0)")
-    g.add_argument("--resume", metavar="FOLDER|CHECKPOINT", help="continue the run in FOLDER exactly where it "
-                   "stopped, with the flags it was started with")
-    g.add_argument("--knn-every", type=int, default=10, help="k-NN monitor every N epochs and at the end (0 = off)")
-    g.add_argument("--knn-k", type=int, default=20, help="neighbours of the k-NN monitor")
-    g.add_argument("--knn-t", type=float, default=0.07, help="temperature of the k-NN vote")
-    g.add_argument("--log-every", type=float, default=5.0, help="seconds between progress lines (0 = every step)")
+    add = group("optimisation")
+    add("--recipe", "laptop: defaults for small runs on a CPU budget. paper: the official DropPos "
+        "pre-training (its defaults below, the ViT-B decoder at any size, each gradient clipped "
+        "on its own, [CLS] and [MASK] tokens decayed) and MAE's fine-tuning as DropPos runs it "
+        "(RandAugment and RandomErasing, a head that pools without the encoder's final norm, "
+        "224/256 evaluation crop). Flags you type win over either", default="laptop",
+        choices=sorted(RECIPES))
+    add("--epochs", "length of the run", TRAINS, type=COUNT, default=100)
+    add("--batch-size", "images per step and process", type=COUNT, default=64)
+    add("--blr", "base lr; lr = blr × total batch / 256 (default: 2e-3 for pre-training, 1e-3 "
+        "for fine-tuning, 1e-2 for the probes)", TRAINS, type=POSITIVE)
+    add("--min-lr", "lr at the end of the cosine", TRAINS, type=NONNEGATIVE, default=0.0)
+    add("--warmup-epochs", "linear lr warm-up", TRAINS, type=NONNEGATIVE, default=1.0)
+    add("--weight-decay", "AdamW weight decay", TRAINS, type=NONNEGATIVE, default=0.05)
+    add("--clip-grad", "gradient-norm clipping (0 = none); --recipe paper pre-training clips each "
+        "parameter's gradient to this norm on its own", TRAINS, type=NONNEGATIVE, default=5.0)
+    add("--seed", "seeds data order, augmentation, masking, init", type=int, default=0)
 
-    g = p.add_argument_group("hardware")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: a GPU if present")
-    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="auto: bf16 autocast on a GPU, and on a CPU whose bf16 matmuls beat fp32 ones")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (minutes of start-up)")
+    add = group("fine-tuning")
+    add("--finetune", "train a classifier on the encoder of a pre-training run (its checkpoint.pt "
+        "or encoder.pt), or on a random one ('scratch')", metavar="CHECKPOINT|scratch")
+    add("--layer-decay", "layer-wise lr decay", {"finetune"},
+        type=number(float, 0, 1, low_in=False, high_in=True), default=0.75)
+    add("--drop-path", "stochastic depth of the last block", {"finetune"}, type=SHARE,
+        default=0.1)
+    add("--smoothing", "label smoothing", {"finetune"}, type=SHARE, default=0.1)
+    add("--mixup", "MixUp alpha (0 = off)", {"finetune"}, type=NONNEGATIVE, default=0.8)
+    add("--cutmix", "CutMix alpha (0 = off)", {"finetune"}, type=NONNEGATIVE, default=1.0)
 
-    g = p.add_argument_group("benchmark")
-    g.add_argument("--benchmark", action="store_true", help="time training steps and print one JSON line")
-    g.add_argument("--bench-steps", type=int, default=10, help="timed steps")
-    g.add_argument("--bench-warmup", type=int, default=3, help="untimed steps first")
+    add = group("evaluation and probes (any checkpoint: train.py's, the official DropPos code's, "
+                "MAE's, timm's)")
+    add("--evaluate", "train nothing: position top-1, within one cell and distance on the "
+        "held-out images (with a position head), k-NN, test top-1 (a fine-tuning checkpoint), the "
+        "picture; evaluation.json and one JSON line", metavar="CHECKPOINT")
+    add("--location-probe", "the paper's location probe: a frozen encoder, every patch visible, "
+        "the position embeddings of --pos-mask-ratio of them replaced by one learned vector, "
+        "linear heads predicting positions", metavar="CHECKPOINT|random")
+    add("--linear-probe", "MAE's linear probe: a frozen encoder, BatchNorm without affine "
+        "parameters and a linear classifier", metavar="CHECKPOINT|random")
+
+    add = group("output and evaluation")
+    add("--output-dir", "the run's folder (default: runs/<dataset>-pretrain, "
+        "runs/<dataset>-scratch "
+        "or runs/<pre-training run>-finetune, then -paper for --recipe paper and -seedN for seed "
+        "N > 0)", free=True)
+    add("--resume", "continue the run in FOLDER exactly where it stopped, with the flags it was "
+        "started with", metavar="FOLDER|CHECKPOINT", free=True)
+    add("--knn-every", "k-NN monitor every N epochs and at the end (0 = off)", PRETRAIN,
+        type=NATURAL, default=10, free=True)
+    add("--knn-k", "neighbours of the k-NN monitor", {"pretrain", "evaluate"}, type=COUNT,
+        default=20, free=True)
+    add("--knn-t", "temperature of the k-NN vote", {"pretrain", "evaluate"}, type=POSITIVE,
+        default=0.07, free=True)
+    add("--log-every", "seconds between progress lines (0 = every step)", TRAINS,
+        type=NONNEGATIVE, default=5.0, free=True)
+
+    add = group("hardware")
+    add("--device", "auto: a GPU if present", default="auto", choices=["auto", "cpu", "cuda"],
+        free=True)
+    add("--precision", "auto: bf16 autocast on a GPU, and on a CPU whose bf16 matmuls beat fp32 "
+        "ones", default="auto", choices=["auto", "bf16", "fp32"], free=True)
+    add("--compile", "torch.compile the model (minutes of start-up)", TRAINS,
+        action="store_true", free=True)
+
+    add = group("benchmark")
+    add("--benchmark", "time training steps and print one JSON line", action="store_true")
+    add("--bench-steps", "timed steps", {"benchmark"}, type=COUNT, default=10)
+    add("--bench-warmup", "untimed steps first", {"benchmark"}, type=NATURAL, default=3)
     return p
 
-# Flags that change nothing a run learns: they may differ on --resume. Every other flag is the run.
-FREE_ON_RESUME = {"resume", "output_dir", "data_dir", "val_dir", "workers", "device", "precision", "compile",
-                  "log_every", "knn_every", "knn_k", "knn_t"}
 
-# What a command does: the flag that chose it (at most one), else pre-training.
-MODES = ("benchmark", "evaluate", "finetune", "location_probe", "linear_probe")
-
-# Flags that apply in some modes only; any other mode refuses them by name.
-MODE_ONLY = [({"mask_ratio", "sigma", "no_sigma_decay", "no_attentive", "tau", "knn_every"},
-              {"pretrain", "benchmark"}),
-             ({"decoder_dim", "decoder_depth", "decoder_heads"},
-              {"pretrain", "benchmark", "evaluate"}),
-             ({"pos_mask_ratio"}, {"pretrain", "benchmark", "location_probe"}),
-             ({"knn_k", "knn_t"}, {"pretrain", "evaluate"}),
-             ({"layer_decay", "drop_path", "smoothing", "mixup", "cutmix"}, {"finetune"}),
-             ({"bench_steps", "bench_warmup"}, {"benchmark"}),
-             ({"epochs", "blr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "compile",
-               "log_every"}, set(MODES) - {"evaluate"} | {"pretrain"})]  # what training is
-
-ENCODER_SHAPE = ("img_size", "patch_size", "dim", "depth", "heads", "pos_embed")
-
-INF = math.inf
-
-LIMITS = {  # flag: (low, high, low allowed, high allowed); NaN fails every comparison, so it is refused too
-    "epochs": (1, INF, True, False), "batch_size": (1, INF, True, False), "synthetic_size": (1, INF, True, False),
-    "workers": (0, INF, True, False), "classes": (1, INF, True, False), "per_class": (1, INF, True, False),
-    "img_size": (1, INF, True, False), "patch_size": (1, INF, True, False), "dim": (1, INF, True, False),
-    "depth": (1, INF, True, False), "heads": (1, INF, True, False), "decoder_dim": (1, INF, True, False),
-    "decoder_depth": (1, INF, True, False), "decoder_heads": (1, INF, True, False),
-    "sigma": (0, INF, True, False), "blr": (0, INF, False, False), "min_lr": (0, INF, True, False),
-    "warmup_epochs": (0, INF, True, False), "weight_decay": (0, INF, True, False),
-    "clip_grad": (0, INF, True, False), "layer_decay": (0, 1, False, True), "drop_path": (0, 1, True, False),
-    "smoothing": (0, 1, True, False), "mixup": (0, INF, True, False), "cutmix": (0, INF, True, False),
-    "knn_every": (0, INF, True, False), "knn_k": (1, INF, True, False), "knn_t": (0, INF, False, False),
-    "log_every": (0, INF, True, False), "bench_steps": (1, INF, True, False), "bench_warmup": (0, INF, True, False),
-}
-
-# --recipe: the defaults a recipe gives, per mode, to the flags the user did not type (`complete_args`);
-# flags missing here keep the parser's default. laptop's are tuned for short CPU runs. paper's
-# pre-training ones are the official DropPos code's (main_pretrain.py, scripts/pretrain_base.sh: the
-# ViT-B decoder dec512d2b whatever the encoder), its fine-tuning ones DropPos's fine-tuning scripts,
-# which run MAE's recipe: no clipping, a floor under the cosine. Entries equal to the parser's
-# default are listed too, so each paper column reads as the whole recipe.
-RECIPES = {
-    "laptop": {"pretrain": dict(blr=2e-3), "finetune": dict(blr=1e-3),
-               "probe": dict(blr=1e-2, weight_decay=0.0)},  # a linear head on frozen features
-    "paper": {"pretrain": dict(blr=1.5e-4, warmup_epochs=10.0, min_lr=0.0, weight_decay=0.05, clip_grad=5.0,
-                               decoder_dim=512, decoder_depth=2, decoder_heads=16),
-              "finetune": dict(blr=1e-3, warmup_epochs=5.0, min_lr=1e-6, weight_decay=0.05, clip_grad=0.0,
-                               layer_decay=0.75, drop_path=0.1, smoothing=0.1, mixup=0.8,
-                               cutmix=1.0),
-              "probe": dict(blr=1e-2, weight_decay=0.0)},  # MAE: LARS, batch 16384; AdamW here
-}
+FLAGS = {a.dest: a for a in build_parser()._actions if a.dest != "help"}
+FREE_ON_RESUME = {name for name, a in FLAGS.items() if a.free}
+ENCODER_SHAPE = tuple(name for name, a in FLAGS.items() if a.shape)
 
 
 def parse_args(argv=None):
-    """The run's flags: the command line checked and completed or, with --resume, the flags the run
-    was started with plus the free ones given now."""
+    """The run's flags: the command line checked and completed or, with --resume, the flags the
+    run was started with plus the free ones given now."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    given = given_flags(parser, argv)
-    if args.resume:
-        args = resumed_args(args, given)
-    else:
-        check_mode_flags(args, given)
-        complete_args(args, given)
-    check_ranges(args)
-    return args
-
-
-def given_flags(parser, argv):
-    """The destinations of the flags actually typed (parsing again with every default suppressed)."""
-    for action in parser._actions:
+    for action in parser._actions:  # parse again with every default suppressed: what was typed
         action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
+    given = set(vars(parser.parse_args(argv)))
+    if args.resume:
+        return resumed_args(args, given)
+    check_mode_flags(args, given)
+    complete_args(args, given)
+    return args
 
 
 def flag(name):
@@ -1271,23 +1005,22 @@ def source_of(args):
 def check_mode_flags(args, given):
     """Refuse flags that cannot apply to what was asked for, rather than ignore them."""
     mode = mode_of(args)
-    for other in given & set(MODES) - {mode}:
-        raise UserError(f"{flag(other)} does not apply with {flag(mode)}")
-    for flags, modes in MODE_ONLY:
-        bad = sorted(given & flags) if mode not in modes else []
-        if bad and mode == "pretrain":
-            raise UserError(f"{flag(bad[0])} applies only with "
-                            f"{' or '.join(map(flag, modes - {'pretrain'}))}")
-        if bad:
-            raise UserError(f"{flag(bad[0])} does not apply with {flag(mode)}")
+    for name in sorted(given & set(MODES) - {mode}):
+        raise UserError(f"{flag(name)} does not apply with {flag(mode)}")
+    for name in sorted(given):
+        applies = FLAGS[name].applies
+        if applies and mode not in applies and mode == "pretrain":
+            raise UserError(f"{flag(name)} applies only with "
+                            f"{' or '.join(flag(m) for m in MODES if m in applies)}")
+        if applies and mode not in applies:
+            raise UserError(f"{flag(name)} does not apply with {flag(mode)}")
     if "model" in given and source_of(args):
-        raise UserError(f"--model does not apply with {flag(mode)} "
-                        f"CHECKPOINT: the encoder's shape comes "
-                        f"from the checkpoint")
+        raise UserError(f"--model does not apply with {flag(mode)} CHECKPOINT: the encoder's "
+                        f"shape comes from the checkpoint")
 
 
 def complete_args(args, given):
-    """Fill the defaults that depend on other flags; a checkpoint to fine-tune decides the encoder."""
+    """Fill the defaults that depend on other flags; a checkpoint decides the encoder."""
     if source_of(args):
         take_encoder_shape(args, given)
     if args.img_size is None:
@@ -1295,14 +1028,13 @@ def complete_args(args, given):
         native = first_image_size(args)
         if native and native != (args.img_size, args.img_size):
             warn(f"the images in --data-dir are {native[0]}x{native[1]} px, but --{args.dataset} "
-                 f"trains at {args.img_size} px unless told otherwise: pass "
-                 f"--img-size {min(native)} to train "
-                 f"at their size")
+                 f"trains at {args.img_size} px unless told otherwise: pass --img-size "
+                 f"{min(native)} to train at their size")
     check_heads(args, given)
     if args.patch_size is None:
         args.patch_size = 4 if args.img_size == 32 else 16
-    for name, value in RECIPES[args.recipe].get(recipe_mode(args), {}).items():
-        if name not in given:  # a typed flag wins over the recipe; --benchmark times pre-training
+    for name, value in recipe(args.recipe, mode_of(args)).items():
+        if name in FLAGS and name not in given:  # a typed flag wins over the recipe
             setattr(args, name, value)
     if args.workers is None:
         args.workers = default_workers(args.device)
@@ -1333,20 +1065,13 @@ def check_heads(args, given):
         return  # refused when the model is built: the width must split into equal heads
     preset = next((name for name, p in PRESETS.items() if p["dim"] == dim), None)
     if "heads" in given and preset and PRESETS[preset]["heads"] != heads:
-        warn(f"--heads {heads} splits width {dim} into heads of "
-             f"{dim // heads}; ViT-{preset.title()} "
-             f"(width {dim}) has {PRESETS[preset]['heads']} of {dim // PRESETS[preset]['heads']}")
+        theirs = PRESETS[preset]["heads"]
+        warn(f"--heads {heads} splits width {dim} into heads of {dim // heads}; "
+             f"ViT-{preset.title()} (width {dim}) has {theirs} of {dim // theirs}")
 
 
 def default_workers(device):
     return 8 if torch.cuda.is_available() and device != "cpu" else 0
-
-
-def recipe_mode(args):
-    """Which column of RECIPES a mode reads: probes have their own; --benchmark times
-    pre-training."""
-    mode = mode_of(args)
-    return "probe" if mode.endswith("probe") else "pretrain" if mode == "benchmark" else mode
 
 
 def default_run_name(args):
@@ -1360,18 +1085,8 @@ def default_run_name(args):
     else:  # <run>-finetune, <run>-evaluate, <dataset>-random-location-probe, ...
         origin = Path(source).resolve().parent.name if source else f"{args.dataset}-random"
         name = f"{origin}-{mode.replace('_', '-')}"
-    return name + (f"-{args.recipe}" if args.recipe != "laptop" else "") + (f"-seed{args.seed}" if args.seed else "")
-
-
-def check_ranges(args):
-    for name, (lo, hi, lo_ok, hi_ok) in LIMITS.items():
-        v = getattr(args, name)
-        if v is None:
-            continue
-        if not ((v >= lo if lo_ok else v > lo) and (v <= hi if hi_ok else v < hi)):
-            allowed = (f"{'>=' if lo_ok else '>'} {lo}" if hi == INF else
-                       f"in {'[' if lo_ok else '('}{lo}, {hi}{']' if hi_ok else ')'}")
-            raise UserError(f"{flag(name)} must be {allowed}, got {v}")
+    return (name + (f"-{args.recipe}" if args.recipe != "laptop" else "")
+            + (f"-seed{args.seed}" if args.seed else ""))
 
 
 # ============================================================================================
@@ -1380,25 +1095,21 @@ def check_ranges(args):
 
 
 def load_checkpoint(path):
-    """torch.load under weights_only. argparse.Namespace is allowed because MAE's save_model
-    pickles its run's args; anything else foreign is refused, so no file runs code here."""
+    """torch.load under weights_only: no file runs code; MAE's pickled Namespace of args passes."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
+    torch.serialization.add_safe_globals([argparse.Namespace])
     try:
-        torch.serialization.add_safe_globals([argparse.Namespace])
         return torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:
         raise UserError(f"cannot read checkpoint {str(path)!r}: {e.strerror or e}") from None
-    except Exception as e:
-        # weights_only names the refused class in a multi-line message: keep just that name, as
-        # the file is readable, only not safely.
+    except Exception as e:  # weights_only names a refused class in many lines: keep the name
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if refused:
-            raise UserError(f"checkpoint {str(path)!r} holds a pickled {refused[1]}, which a "
-                            f"weights-only load refuses; save plain tensors and dicts") from None
-        raise UserError(f"checkpoint {str(path)!r} is corrupt, truncated or not a checkpoint "
-                        f"({type(e).__name__})") from None
+        why = (f"holds a pickled {refused[1]}, which a weights-only load refuses; save plain "
+               "tensors and dicts" if refused else
+               f"is corrupt, truncated or not a checkpoint ({type(e).__name__})")
+        raise UserError(f"checkpoint {str(path)!r} {why}") from None
 
 
 class Imported(NamedTuple):
@@ -1410,147 +1121,109 @@ class Imported(NamedTuple):
     arch: dict          # what the file's arch name tells (arch_facts), {} without one
     extra: dict         # "ignored" / "missing" key prefixes, and facts from a Namespace
 
-_ENCODER = ("cls_token", "pos_embed", "patch_embed", "blocks", "norm")
 
+_ENCODER = ("cls_token", "pos_embed", "patch_embed", "blocks", "norm")  # timm's top-level names
 _DECODER = {"decoder_embed": "decoder.embed", "decoder_blocks": "decoder.blocks",
             "decoder_norm": "decoder.norm", "decoder_pred": "decoder.head"}
-
-_NAMESPACE_FACTS = ("input_size", "mask_ratio", "pos_mask_ratio")  # argument names of main_*.py
-
-
-def _is_state(x):
-    return isinstance(x, dict) and bool(x) and all(torch.is_tensor(v) for v in x.values())
-
-
-def _describe(obj):
-    if isinstance(obj, dict):
-        keys = [str(k) for k in obj]
-        return f"a dict with keys {keys[:8]}{' ...' if len(keys) > 8 else ''}"
-    return f"a {type(obj).__name__}"
+# (dim, depth, heads) of the ViT sizes; tiny is DeiT's, the others are in both repos' models.
+_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
+          "large": (1024, 24, 16), "huge": (1280, 32, 16)}
 
 
 def _rename(state):
-    """timm / official DropPos names -> ours.  -> (model, sorted prefixes of keys left out).
-
-    Keys already in our names (train.py's) pass. The official decoder is taken only when its
-    decoder_pred is the N-way position head: MAE's (also DropPos --drop_pos_type vanilla_mae)
-    predicts p*p*3 pixels there, and 3p^2 is never a square N, so the shape tells them apart."""
+    """timm / official DropPos key names -> ours.  -> (model, sorted prefixes of keys left out)."""
     state = {k.removeprefix("module."): v for k, v in state.items()}  # DDP's wrapper
+    # The decoder is ours only if decoder_pred is the N-way position head: MAE's predicts p*p*3
+    # pixels there (as does --drop_pos_type vanilla_mae), and 3p^2 is never a square N.
     pos, pred = state.get("pos_embed"), state.get("decoder_pred.weight")  # (1, 1+N, D), (?, Dd)
     positional = pos is not None and pred is not None and pred.shape[0] == pos.shape[1] - 1
-    model, ignored = {}, set()
-    for key, t in state.items():
-        top, _, rest = key.partition(".")
-        if top in ("encoder", "decoder", "mask_pos_token"):
-            model[key] = t
-        elif top in _ENCODER:
-            model["encoder." + key] = t
-        elif top in _DECODER and positional:
-            model[f"{_DECODER[top]}.{rest}"] = t
-        else:  # pixel decoder, mask_token, classifier head, fc_norm, ...
-            ignored.add(top)
+    ours = {"encoder": "encoder", "decoder": "decoder", "mask_pos_token": "mask_pos_token",
+            **{k: "encoder." + k for k in _ENCODER}, **(_DECODER if positional else {})}
+    tops = {key: key.split(".")[0] for key in state}
+    model = {ours[top] + key[len(top):]: state[key] for key, top in tops.items() if top in ours}
+    ignored = set(tops.values()) - ours.keys()  # pixel decoder, mask_token, head, fc_norm, ...
     if "encoder.norm.weight" not in model and "fc_norm.weight" in state:
-        # MAE's global-pool classifiers drop the encoder's final norm for one after pooling
-        # (fc_norm); as the encoder's norm it normalises every token instead of their mean.
+        # MAE's global pool moves the final norm after pooling (fc_norm): the nearest stand-in
         model.update({f"encoder.norm.{k}": state[f"fc_norm.{k}"] for k in ("weight", "bias")})
         ignored.discard("fc_norm")
     return model, sorted(ignored)
 
 
 def import_state(obj, path):
-    """What `read` returned -> Imported; UserError for a layout this cannot place."""
+    """What load_checkpoint returned -> Imported; UserError for a layout this cannot place."""
+    ck = obj if isinstance(obj, dict) else {}  # anything else is refused below
     args = mode = epoch = name = None
     facts = {}
-    if not isinstance(obj, dict):
-        state = None
-    elif isinstance(obj.get("args"), dict) and obj.get("mode") in ("pretrain", "finetune"):
-        source, state, args, mode, epoch = ("train.py checkpoint", obj.get("model"), obj["args"],
-                                            obj["mode"], obj.get("epoch"))
-    elif "state_dict" in obj:  # main_pretrain.py / main_finetune.py: epoch is already epoch + 1
-        source, state, epoch, name = ("official DropPos checkpoint", obj["state_dict"],
-                                      obj.get("epoch"), obj.get("model"))
-    elif isinstance(obj.get("args"), argparse.Namespace):
-        ns, source, state = obj["args"], "MAE/DropPos save_model", obj.get("model")
-        name = getattr(ns, "model", None)
-        facts = {k: getattr(ns, k) for k in _NAMESPACE_FACTS if hasattr(ns, k)}
-        if isinstance(obj.get("epoch"), int):  # save_model stores the 0-based epoch just done
-            epoch = obj["epoch"] + 1
-    elif "model" in obj:  # MAE's released files: encoder only, or (visualize) with its decoder
-        source, state = "MAE encoder", obj["model"]
+    if isinstance(ck.get("args"), dict) and ck.get("mode") in ("pretrain", "finetune"):
+        source, state, args, mode = "train.py checkpoint", ck.get("model"), ck["args"], ck["mode"]
+        epoch = ck.get("epoch")
+    elif "state_dict" in ck:  # main_pretrain.py / main_finetune.py: epoch is already epoch + 1
+        source, state, epoch = "official DropPos checkpoint", ck["state_dict"], ck.get("epoch")
+        name = ck.get("model")
+    elif isinstance(ck.get("args"), argparse.Namespace):  # save_model: its epoch is 0-based
+        source, state, ns = "MAE/DropPos save_model", ck.get("model"), vars(ck["args"])
+        name = ns.get("model")
+        facts = {k: ns[k] for k in ("input_size", "mask_ratio", "pos_mask_ratio") if k in ns}
+        epoch = ck["epoch"] + 1 if isinstance(ck.get("epoch"), int) else None
+    elif "model" in ck:  # MAE's released files: encoder only, or (visualize) with its decoder
+        source, state = "MAE encoder", ck["model"]
     else:
-        source, state = "timm encoder", obj
-    model, ignored = _rename(state) if _is_state(state) else ({}, [])
+        source, state = "timm encoder", ck
+    tensors = isinstance(state, dict) and all(map(torch.is_tensor, state.values()))
+    model, ignored = _rename(state) if tensors else ({}, [])
     if "encoder.patch_embed.proj.weight" not in model or "encoder.pos_embed" not in model:
-        raise UserError(
-            f"{str(path)!r} is not a checkpoint train.py can read: {_describe(obj)}; expected a "
-            f"train.py checkpoint.pt or encoder.pt, an official DropPos or MAE checkpoint, or a "
-            f"timm ViT state dict")
+        what = (f"a dict with keys {[str(k) for k in ck][:8]}{' ...' if len(ck) > 8 else ''}"
+                if isinstance(obj, dict) else f"a {type(obj).__name__}")
+        raise UserError(f"{str(path)!r} is not a checkpoint train.py can read: {what}; expected a "
+                        "train.py checkpoint.pt or encoder.pt, an official DropPos or MAE "
+                        "checkpoint, or a timm ViT state dict")
     if source == "timm encoder" and not ignored:  # exactly a ViT's keys: what train.py writes
         source = "train.py encoder"
     have = {k.split(".")[1] for k in model if k.startswith("encoder.")}
-    missing = [k for k in _ENCODER if k not in have]  # e.g. "norm" under MAE's global pool
+    facts.update(ignored=ignored, missing=[k for k in _ENCODER if k not in have])  # e.g. "norm"
     arch = arch_facts(name) if isinstance(name, str) else {}
-    return Imported(model, source, args, mode, epoch, arch,
-                    dict(facts, ignored=ignored, missing=missing))
-
-
-def _count(model, prefix):  # number of blocks under prefix ("encoder.blocks.")
-    return len({k[len(prefix):].split(".")[0] for k in model if k.startswith(prefix)})
+    return Imported(model, source, args, mode, epoch, arch, facts)
 
 
 def encoder_shape(model):
-    """Sizes the tensors of an Imported.model tell; heads are not among them (None).
-
-    img_size assumes a square grid; pos_embed is "sincos" when the patch rows are MAE's fixed
-    embedding. With a position decoder: decoder_dim, decoder_depth, num_positions (its N)."""
+    """Sizes an Imported.model's tensors tell (heads: None); pos_embed "sincos" if MAE's fixed."""
     proj, pos = model["encoder.patch_embed.proj.weight"], model["encoder.pos_embed"]
     dim, p, n = proj.shape[0], proj.shape[-1], pos.shape[1] - 1  # (D, C, p, p), (1, 1+N, D)
     side = math.isqrt(n)
     if side * side != n:
-        raise UserError(f"cannot tell the image size of a {n}-patch encoder (not a square "
-                              f"grid)")
+        raise UserError(f"cannot tell the image size of a {n}-patch encoder (not a square grid)")
     fixed = dim % 4 == 0 and torch.allclose(pos[0, 1:].float(), sincos_pos_embed(dim, (side, side)),
                                             rtol=0, atol=1e-5)
-    shape = dict(img_size=side * p, patch_size=p, dim=dim, depth=_count(model, "encoder.blocks."),
-                 heads=None, pos_embed="sincos" if fixed else "learnable")
-    if "decoder.head.weight" in model:
-        shape.update(decoder_dim=model["decoder.embed.weight"].shape[0],  # (Dd, D)
-                     decoder_depth=_count(model, "decoder.blocks."), decoder_heads=None,
-                     num_positions=model["decoder.head.weight"].shape[0])  # (N, Dd)
+    depth = {part: len({k.split(".")[2] for k in model if k.startswith(f"{part}.blocks.")})
+             for part in ("encoder", "decoder")}
+    shape = dict(img_size=side * p, patch_size=p, dim=dim, depth=depth["encoder"], heads=None,
+                 pos_embed="sincos" if fixed else "learnable")
+    if "decoder.head.weight" in model:  # a position decoder: embed (Dd, D), head (N, Dd)
+        shape.update(decoder_dim=len(model["decoder.embed.weight"]), decoder_depth=depth["decoder"],
+                     decoder_heads=None, num_positions=len(model["decoder.head.weight"]))
     return shape
 
 
 def resize_pos_embed(pos, grid, kind):
-    """pos (1, 1+s*s, D) of a square grid -> (1, 1+h*w, D) for grid (h, w); [CLS] row kept.
-
-    "sincos" is a fixed function of the cell, so it is recomputed (interpolating would stretch
-    its frequencies); "learnable" is resized bicubically, as MAE's interpolate_pos_embed does."""
+    """pos (1, 1+s*s, D) -> (1, 1+h*w, D) for grid (h, w), [CLS] kept; "sincos" is recomputed, as
+    resizing would stretch its frequencies, "learnable" resized as MAE's interpolate_pos_embed."""
     s, dim = math.isqrt(pos.shape[1] - 1), pos.shape[2]
-    h, w = grid
-    if (h, w) == (s, s):
+    if tuple(grid) == (s, s):
         return pos
     if kind == "sincos":
-        patches = sincos_pos_embed(dim, (h, w)).to(pos)[None]
-    else:
-        square = pos[:, 1:].reshape(1, s, s, dim).permute(0, 3, 1, 2).float()  # (1, D, s, s)
-        square = F.interpolate(square, size=(h, w), mode="bicubic", align_corners=False)
-        patches = square.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(pos.dtype)
+        patches = sincos_pos_embed(dim, grid).to(pos)[None]
+    else:  # bicubic on the (1, D, s, s) grid
+        patches = F.interpolate(pos[0, 1:].T.reshape(1, dim, s, s).float(), grid, mode="bicubic")
+        patches = patches.flatten(2).transpose(1, 2).to(pos.dtype)  # (1, h*w, D)
     return torch.cat([pos[:, :1], patches], dim=1)
-
-# (dim, depth, heads) of the ViT sizes; tiny is DeiT's, the others are in both repos' models.
-_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
-          "large": (1024, 24, 16), "huge": (1280, 32, 16)}
 
 
 def arch_facts(name):
-    """Sizes an official arch name tells, e.g. "DropPos_mae_vit_base_patch16_dec512d2b" ->
-    dict(name, dim=768, depth=12, heads=12, patch_size=16, decoder_dim=512, decoder_depth=2,
-    decoder_heads=16). {} for a name of another form."""
+    """Sizes an arch name such as "DropPos_mae_vit_base_patch16_dec512d2b" tells, else {}."""
     m = re.fullmatch(r"(DropPos_)?(mae_)?vit_(\w+?)_patch(\d+)(?:_dec(\d+)d(\d+)b)?", name)
     if not m or m[3] not in _SIZES:
         return {}
-    dim, depth, heads = _SIZES[m[3]]
-    facts = dict(name=name, dim=dim, depth=depth, heads=heads, patch_size=int(m[4]))
+    facts = dict(zip(("dim", "depth", "heads"), _SIZES[m[3]]), name=name, patch_size=int(m[4]))
     if m[2]:  # a pre-training model; without a dec suffix it is the "recommended" dec512d8b alias
         facts.update(decoder_dim=int(m[5] or 512), decoder_depth=int(m[6] or 8), decoder_heads=16)
     return facts
@@ -1562,47 +1235,38 @@ def _imported(path, stamp):  # stamp: the mtime, so a file written anew is read 
 
 
 def imported(path):
-    """The checkpoint at path, read once (parse and build both need it), in our key names."""
+    """The checkpoint at path in our key names, read once (parse and build both need it)."""
     p = Path(path)
     return _imported(str(p), p.stat().st_mtime_ns if p.is_file() else None)
 
 
 def take_encoder_shape(args, given):
-    """Every mode that starts from a checkpoint uses the encoder it holds: its sizes, patch and
-    kind of position embedding go into args. train.py's checkpoint.pt records its run's flags, an
-    official arch name the head counts; the tensors tell the rest. A typed flag the file
-    contradicts is refused, but for --img-size when fine-tuning or probing (the position
-    embedding is resized)."""
+    """The checkpoint's encoder shape (run flags, arch name, tensors) into args: each mode uses it
+    as trained; a typed flag it contradicts is refused, but --img-size where pos_embed resizes."""
     path, mode = source_of(args), mode_of(args)
     imp = imported(path)
     if mode == "finetune" and imp.mode == "finetune":
-        raise UserError(f"{path!r} is a fine-tuning checkpoint; "
-                        f"fine-tune from a pre-training run's "
-                        f"checkpoint.pt or encoder.pt")
+        raise UserError(f"{path!r} is a fine-tuning checkpoint; fine-tune from a pre-training "
+                        "run's checkpoint.pt or encoder.pt")
     shape = dict(encoder_shape(imp.model), heads=imp.arch.get("heads"),
                  decoder_heads=imp.arch.get("decoder_heads"), **imp.extra)
-    if imp.args:
-        saved = argparse.Namespace(**dict(vars(build_parser().parse_args([])), **imp.args))
-        shape.update(model_config(saved))
+    if imp.args:  # the parser's defaults for flags the file predates
+        shape.update(model_config(build_parser().parse_args([], argparse.Namespace(**imp.args))))
     keys = ENCODER_SHAPE
     if mode == "evaluate" and "decoder.head.weight" in imp.model:  # the whole DropPos, as trained
         keys += ("decoder_dim", "decoder_depth", "decoder_heads", "mask_ratio", "pos_mask_ratio")
-        shape.setdefault("mask_ratio", 0.75), shape.setdefault("pos_mask_ratio", 0.75)
+        shape = {"mask_ratio": 0.75, "pos_mask_ratio": 0.75, **shape}
+    resizable = {"img_size"} if mode in ("finetune", "location_probe", "linear_probe") else set()
     for key in keys:
-        mine = getattr(args, key)
-        if shape.get(key) is None:  # heads of a file without flags or arch name
-            if key not in given:
-                raise UserError(f"{path!r} does not record the number of "
-                                f"{key.replace('_', ' ')}; pass "
-                                f"{flag(key)} (a train.py checkpoint.pt records it)")
-            continue
-        resizable = key == "img_size" and mode in ("finetune", "location_probe", "linear_probe")
-        if key in given and mine != shape[key] and not resizable:
-            raise UserError(f"{flag(key)} {mine} differs from the encoder in {path!r} "
-                            f"({shape[key]}): {mode.replace('_', ' ')} uses the encoder as "
-                            f"it was trained; drop the flag")
         if key not in given:
+            if shape.get(key) is None:  # heads of a file without run flags or arch name
+                raise UserError(f"{path!r} does not record the number of {key.replace('_', ' ')}; "
+                                f"pass {flag(key)} (a train.py checkpoint.pt records it)")
             setattr(args, key, shape[key])
+        elif shape.get(key) not in (None, getattr(args, key)) and key not in resizable:
+            raise UserError(f"{flag(key)} {getattr(args, key)} differs from the encoder in "
+                            f"{path!r} ({shape[key]}): {mode.replace('_', ' ')} uses the encoder "
+                            "as it was trained; drop the flag")
     done, total = imp.epoch, (imp.args or {}).get("epochs")
     if done is not None and total and done < total:
         warn(f"{path!r} is an unfinished run: {done} of its {total} epochs were done")
@@ -1619,11 +1283,31 @@ def source_line(args):
     return f" from {path} ({imp.source}{epoch})"
 
 
+def build_encoder(args, drop_path=0.0):
+    """The ViT of args' shape, with the weights of the mode's checkpoint unless it has none or a
+    resumed run's checkpoint brings them."""
+    c = model_config(args)
+    try:
+        encoder = ViT(c["img_size"], c["patch_size"], 3, c["dim"], c["depth"], c["heads"],
+                      c["pos_embed"], drop_path=drop_path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if source_of(args) and not args.resume:
+        load_encoder(encoder, args)
+    return encoder
+
+
+def build_classifier(args, num_classes):
+    """The checkpoint's encoder (its shape is in args by now, see `take_encoder_shape`) under a
+    fresh head; on --resume the weights come from the fine-tuning checkpoint instead."""
+    return Classifier(build_encoder(args, args.drop_path), num_classes,
+                      switch(args.recipe, "finetune", "mae_head"))
+
+
 def load_encoder(encoder, args):
-    """The checkpoint's encoder weights into `encoder`, its position embedding resized to the
-    encoder's grid where the image size changed."""
+    """The checkpoint's encoder into `encoder`, its position embedding resized to its grid."""
     path = source_of(args)
-    state = {k[len("encoder."):]: v for k, v in imported(path).model.items()
+    state = {k.removeprefix("encoder."): v for k, v in imported(path).model.items()
              if k.startswith("encoder.")}
     kind = "learnable" if encoder.pos_embed.requires_grad else "sincos"
     state["pos_embed"] = resize_pos_embed(state["pos_embed"], encoder.grid, kind)
@@ -1635,25 +1319,32 @@ def load_encoder(encoder, args):
 # ============================================================================================
 
 
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "encoder.pt", "reassembly.png", "curves.png",
+             "evaluation.json")  # what a run or an evaluation writes in its folder
+
+
 def resumed_args(args, given):
-    """The flags a run was started with, from its checkpoint; a typed flag that would change the
-    run is refused by name, the free ones (FREE_ON_RESUME) replace the saved ones."""
+    """The rule of --resume, applied here: the run goes on with the flags it was started with; a
+    typed flag that would change the run is refused by name; the free ones (FREE_ON_RESUME:
+    they change nothing the run learns) replace the saved ones."""
     path = checkpoint_path(args.resume)
-    ck = load_training_checkpoint(path)
-    saved = dict(vars(build_parser().parse_args([])), **ck["args"])
+    folder = str(path.parent)
+    saved = dict(vars(build_parser().parse_args([])), **load_training_checkpoint(path)["args"])
     for name in sorted(given - FREE_ON_RESUME):
         if getattr(args, name) != saved[name]:
-            raise UserError(f"{flag(name)} would change the run in {str(path.parent)!r}: it was started with "
-                            f"{saved[name]!r}, you gave {getattr(args, name)!r}. Drop the flag to continue the "
-                            f"run as it was, or start a new run with another --output-dir")
+            raise UserError(f"{flag(name)} would change the run in {folder!r}: it was started "
+                            f"with {saved[name]!r}, you gave {getattr(args, name)!r}. Drop the "
+                            f"flag to continue the run as it was, or start a new run with another "
+                            f"--output-dir")
+    if "output_dir" in given and Path(args.output_dir).resolve() != path.parent.resolve():
+        raise UserError(f"--resume continues the run in its own folder {folder!r}; drop "
+                        f"--output-dir")
     merged = argparse.Namespace(**saved)
     for name in given & FREE_ON_RESUME:
         setattr(merged, name, getattr(args, name))
-    if "output_dir" in given and Path(args.output_dir).resolve() != path.parent.resolve():
-        raise UserError(f"--resume continues the run in its own folder {str(path.parent)!r}; drop --output-dir")
     if "workers" not in given:
         merged.workers = default_workers(merged.device)
-    merged.output_dir, merged.resume = str(path.parent), str(path)
+    merged.output_dir, merged.resume = folder, str(path)
     return merged
 
 
@@ -1666,19 +1357,22 @@ def checkpoint_path(resume):
         return path / "checkpoint.pt"
     owner = live_owner(path)
     if owner:
-        raise UserError(f"{str(path)!r} holds no checkpoint yet: its run "
-                        f"is still in its first epoch "
-                        f"({owner}) and writes one when the epoch ends")
+        raise UserError(f"{str(path)!r} holds no checkpoint yet: its run is still in its first "
+                        f"epoch ({owner}) and writes one when the epoch ends")
     if (path / "metrics.jsonl").exists() or (path / ".checkpoint.pt.tmp").exists():
         raise UserError(stopped_before_a_checkpoint(path))
     raise UserError(f"{str(path)!r} holds no run (no checkpoint.pt)")
 
 
+CHECKPOINT_KEYS = ("mode", "args", "model", "optimizer", "epoch", "step_in_epoch", "ranks",
+                   "metrics_rows", "n_train")
+
+
 def load_training_checkpoint(path):
     ck = load_checkpoint(path)
-    keys = ("mode", "args", "model", "optimizer", "epoch", "step_in_epoch", "ranks", "metrics_rows", "n_train")
-    if not isinstance(ck, dict) or not all(k in ck for k in keys):
-        raise UserError(f"checkpoint {str(path)!r} is not a training checkpoint of this version of train.py")
+    if not isinstance(ck, dict) or not all(k in ck for k in CHECKPOINT_KEYS):
+        raise UserError(f"checkpoint {str(path)!r} is not a training checkpoint of this version "
+                        f"of train.py")
     return ck
 
 
@@ -1702,8 +1396,8 @@ def atomic_write(path, write):
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write {str(path)!r}: {e.strerror or e}; the previous version, if any, is "
-                        f"intact") from None
+        raise UserError(f"could not write {str(path)!r}: {e.strerror or e}; the previous "
+                        f"version, if any, is intact") from None
 
 
 def readable_state(path, keys):
@@ -1722,23 +1416,29 @@ def readable_png(path):
         return False
 
 
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    random.setstate((3, tuple(s["python"]), None))
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def write_pretraining_files(task, folder, only_broken=False):
+    """encoder.pt (timm's key names) and reassembly.png; with only_broken, just those that
+    are missing or unreadable.  -> names written."""
+    if task.proc.rank != 0:
+        return []
+    written, enc, png = [], folder / "encoder.pt", folder / "reassembly.png"
+    if not (only_broken and readable_state(enc, task.model.encoder.state_dict().keys())):
+        atomic_write(enc, lambda f: torch.save(task.model.encoder.state_dict(), f))
+        written.append(enc.name)
+    if task.vis_imgs is not None and not (only_broken and readable_png(png)):
+        if task.beliefs is None and task.proc.world == 1:  # a finished run mends its picture
+            task.evaluate()  # (under torchrun that would need every process)
+        beliefs = (task.beliefs or {}).get("test_pos")
+        save_reassembly(task.model, task.vis_imgs, png, task.proc, beliefs)
+        written.append(png.name)
+    return written
 
 
 class FolderLock:
-    """A live run owns its folder: rank 0 holds `.lock` in it with flock(2) for as long as the run
-    lives. The kernel drops the lock when the process dies however it dies (kill -9, power loss), so
-    a dead run never blocks its own --resume, and a second run into a live run's folder is refused
-    before it touches anything. The file holds the owner's pid and command, for that refusal."""
+    """A live run owns its folder: rank 0 holds `.lock` in it with flock(2) while the run lives.
+    The kernel drops the lock when the process dies however it dies (kill -9, power loss), so a
+    dead run never blocks its own --resume, and a second run into a live run's folder is refused
+    before it touches anything. The file names the owner's pid and command, for that refusal."""
 
     def __init__(self, args):
         self.folder, self.args, self.fd = Path(args.output_dir), args, None
@@ -1746,55 +1446,50 @@ class FolderLock:
     def __enter__(self):
         if int(os.environ.get("RANK", 0)) != 0:  # under torchrun rank 0 holds it for the run
             return self
-        f, new_run = self.folder, not self.args.resume
+        f = self.folder
         if f.exists() and not f.is_dir():
             raise UserError(f"--output-dir {str(f)!r} is a file, not a folder")
-        try:
-            # the folders this creates: a run that fails before writing anything leaves none
+        try:  # the folders made here: a run that fails before writing anything leaves none
             self.made = [p for p in [f, *f.parents] if not p.exists()]
             f.mkdir(parents=True, exist_ok=True)
             created = not (f / ".lock").exists()
             self.fd = os.open(f / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise UserError(f"cannot create the output folder "
-                            f"{str(f)!r}: {e.strerror or e}") from None
+            raise UserError(f"cannot create the output folder {str(f)!r}: {e.strerror or e}") \
+                from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
             self.fd = None
             raise UserError(f"{str(f)!r} belongs to a run that is still going ({live_owner(f)}); "
-                            f"let it finish or stop it, then continue it with "
-                            f"`python train.py --resume {f}`, "
-                            f"or start another run in another --output-dir") from None
+                            f"let it finish or stop it, then continue it with `python train.py "
+                            f"--resume {f}`, or start another run in another --output-dir") \
+                from None
         try:
-            if new_run:
+            if not self.args.resume:
                 self.refuse_a_folder_with_a_run(created)
             for stale in f.glob(".*.tmp"):  # a write that a killed run never finished
                 stale.unlink()
             os.ftruncate(self.fd, 0)
             os.write(self.fd, f"pid {os.getpid()}: {' '.join(sys.argv)}"[:200].encode())
-            probe = f / ".write-test"
-            # read-only or full: say so before training
-            atomic_write(probe, lambda fh: fh.write(b"ok"))
-            probe.unlink()
+            atomic_write(f / ".write-test", lambda fh: fh.write(b"ok"))  # read-only or full?
+            (f / ".write-test").unlink()
         except BaseException as e:
             self.__exit__(e)
             raise
         return self
 
     def refuse_a_folder_with_a_run(self, created_lock):
-        f = self.folder
-        why = None
+        f, why = self.folder, None
         if (f / "metrics.jsonl").exists() and not (f / "checkpoint.pt").exists():
             why = stopped_before_a_checkpoint(f)
         elif (f / "evaluation.json").exists():
-            why = (f"{str(f)!r} already holds an evaluation; evaluate into another --output-dir, or "
-                   f"delete the folder first")
+            why = (f"{str(f)!r} already holds an evaluation; evaluate into another --output-dir, "
+                   f"or delete the folder first")
         elif any((f / name).exists() for name in RUN_FILES):
-            why = (f"{str(f)!r} already holds a run; continue it with "
-                   f"`python train.py --resume {f}`, "
-                   f"or start over in another --output-dir (or delete the folder first)")
+            why = (f"{str(f)!r} already holds a run; continue it with `python train.py --resume "
+                   f"{f}`, or start over in another --output-dir (or delete the folder first)")
         if why:
             if created_lock:  # leave the folder as it was
                 (f / ".lock").unlink()
@@ -1839,74 +1534,86 @@ def live_owner(folder):
 
 
 class RunFolder:
-    """Everything exact resume needs, in one place. A new run claims a folder that holds no run;
-    a resumed one restores model, optimiser, epoch, step, every process's RNG state and running
-    sums, and cuts metrics.jsonl back to the rows its checkpoint had seen."""
+    """Everything exact resume needs, in one place. A checkpoint pairs names with the objects
+    they restore (`objects`), plus the position in the run and every process's RNG state and
+    running sums; a resumed run also cuts metrics.jsonl back to the rows its checkpoint saw."""
 
     def __init__(self, args, proc, task, optimizer, data):
-        self.args, self.proc, self.task, self.optimizer, self.data = args, proc, task, optimizer, data
+        self.args, self.proc, self.task, self.data = args, proc, task, data
+        self.objects = {"model": task.model, "optimizer": optimizer, "task": task}
         self.folder = Path(args.output_dir)
         self.checkpoint = self.folder / "checkpoint.pt"
         self.epoch, self.step, self.rows, self.sums, self.elapsed_before = 0, 0, 0, None, 0.0
         if args.resume:
             self.restore(Path(args.resume))
-        torch.manual_seed(args.seed + proc.rank)  # masking differs per process, data order is shared
-        random.seed(args.seed + proc.rank)
-        if args.resume:
-            set_rng_state(self.rng)
 
     def restore(self, path):
-        ck = load_training_checkpoint(path)
-        args, task = self.args, self.task
-        if ck["mode"] != task.mode:
-            raise UserError(f"checkpoint {str(path)!r} is from {ck['mode']}, not {task.mode}")
+        ck, here = load_training_checkpoint(path), str(self.folder)
+        if ck["mode"] != self.task.mode:
+            raise UserError(f"checkpoint {str(path)!r} is from {ck['mode']}, not {self.task.mode}")
         if len(ck["ranks"]) != self.proc.world:
-            raise UserError(f"the run in {str(self.folder)!r} used {len(ck['ranks'])} process(es); resume it "
-                            f"with as many (torchrun --nproc_per_node={len(ck['ranks'])})")
+            n = len(ck["ranks"])
+            raise UserError(f"the run in {here!r} used {n} process(es); resume it with as many "
+                            f"(torchrun --nproc_per_node={n})")
         if ck["n_train"] != len(self.data.train):
-            raise UserError(f"the run in {str(self.folder)!r} trained on {ck['n_train']} images, but "
+            raise UserError(f"the run in {here!r} trained on {ck['n_train']} images, but "
                             f"{len(self.data.train)} are there now; check --data-dir")
-        load_state(task.model, ck["model"], f"checkpoint {str(path)!r}")
-        try:
-            self.optimizer.load_state_dict(ck["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise UserError(f"checkpoint {str(path)!r}: optimiser state does not match ({e})") from None
-        task.load_state_dict(ck.get("task", {}))
+        for name, obj in self.objects.items():
+            try:
+                obj.load_state_dict(ck.get(name, {}))  # "task": absent from older versions
+            except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
+                detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
+                raise UserError(f"checkpoint {str(path)!r}: the {name} state does not match: "
+                                f"{detail}") from None
         self.epoch, self.step, self.rows = ck["epoch"], ck["step_in_epoch"], ck["metrics_rows"]
-        self.elapsed_before = ck.get("elapsed_s", 0.0)  # absent from checkpoints of older versions
+        self.elapsed_before = ck.get("elapsed_s", 0.0)  # absent from older versions
         mine = ck["ranks"][self.proc.rank]
-        self.rng, self.sums = mine["rng"], mine["sums"]
-        if ck.get("precision", self.proc.precision) != self.proc.precision and self.proc.rank == 0:
-            warn(f"the run trained in {ck['precision']} so far and goes "
-                 f"on in {self.proc.precision} "
-                 f"({self.proc.precision_why}); pass --precision {ck['precision']} to keep it")
-        if self.proc.rank == 0 and self.epoch < args.epochs:
-            print(f"resumed {str(self.folder)!r} at epoch {self.epoch + 1} step {self.step} "
-                  f"({args.epochs} epochs in all)", flush=True)
+        self.sums = mine["sums"]
+        torch.set_rng_state(mine["rng"]["torch"])
+        random.setstate((3, tuple(mine["rng"]["python"]), None))
+        if mine["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(mine["rng"]["cuda"])
+        was, now = ck.get("precision", self.proc.precision), self.proc.precision
+        if was != now and self.proc.rank == 0:
+            warn(f"the run trained in {was} so far and goes on in {now} "
+                 f"({self.proc.precision_why}); pass --precision {was} to keep it")
+        if self.proc.rank == 0 and self.epoch < self.args.epochs:
+            print(f"resumed {here!r} at epoch {self.epoch + 1} step {self.step} "
+                  f"({self.args.epochs} epochs in all)", flush=True)
+
+    def first_step(self, epoch):
+        """Where `epoch` starts: a resumed epoch goes on where it stopped."""
+        return self.step if epoch == self.epoch else 0
 
     def open_log(self, total_steps):
-        """The run's Logger, continuing its metrics.jsonl and running sums (a checkpoint saves both)."""
-        self.log = Logger(self.folder / "metrics.jsonl", self.rows, self.proc, self.args.log_every,
-                          self.data.stream.steps, total_steps, self.epoch * self.data.stream.steps + self.step,
-                          self.sums, (self.task.acc_name, self.task.acc_key), self.elapsed_before)
+        """The run's Logger, going on with its running sums and its metrics.jsonl, cut back to the
+        rows the checkpoint saw (rows written after it are about to be redone)."""
+        path, steps = self.folder / "metrics.jsonl", self.data.stream.steps
+        if self.proc.rank == 0 and path.exists():
+            lines = path.read_bytes().splitlines(keepends=True)
+            if len(lines) != self.rows:
+                atomic_write(path, lambda f: f.writelines(lines[:self.rows]))
+        self.log = Logger(path, self.rows, self.proc, self.args.log_every,
+                          steps, total_steps, self.epoch * steps + self.step, self.sums,
+                          (self.task.acc_name, self.task.acc_key), self.elapsed_before)
         return self.log
 
     def save(self, epoch, step):
         """checkpoint.pt for (completed epochs, steps into the next); every process takes part."""
-        mine = {"rng": rng_state(), "sums": self.log.epoch_sums.tolist()}
-        ranks = [mine]
+        rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        ranks = [{"rng": rng, "sums": list(self.log.epoch_sums)}]
         if self.proc.world > 1:
             ranks = [None] * self.proc.world
-            dist.all_gather_object(ranks, mine)
+            dist.all_gather_object(ranks, {"rng": rng, "sums": list(self.log.epoch_sums)})
         failed = None
         if self.proc.rank == 0:
             self.log.sync()
-            state = {"mode": self.task.mode, "args": dict(vars(self.args), resume=None),
-                     "n_train": len(self.data.train),
-                     "model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "epoch": epoch, "step_in_epoch": step, "ranks": ranks, "task": self.task.state_dict(),
-                     "metrics_rows": self.log.rows, "elapsed_s": self.log.elapsed(),
-                     "precision": self.proc.precision}
+            state = {name: obj.state_dict() for name, obj in self.objects.items()}
+            state.update(mode=self.task.mode, args=dict(vars(self.args), resume=None),
+                         n_train=len(self.data.train), epoch=epoch, step_in_epoch=step,
+                         ranks=ranks, metrics_rows=self.log.rows, elapsed_s=self.log.elapsed(),
+                         precision=self.proc.precision)
             try:
                 atomic_write(self.checkpoint, lambda f: torch.save(state, f))
             except UserError as e:
@@ -1916,22 +1623,20 @@ class RunFolder:
 
     def stop(self, why, epoch, step, signum):
         """The run stopped after `step` steps of `epoch` (from 0). Ctrl-C or SIGTERM: save, then
-        die of that signal; a non-finite loss: stop without saving, naming the last good checkpoint."""
+        die of that signal; a non-finite loss: stop without saving, naming the last good one."""
         if why == "interrupted":
             self.save(epoch, step)
-            self.say(f"\ninterrupted: saved {self.checkpoint} in epoch {epoch + 1} after step {step}; "
-                     f"continue with: python train.py --resume {self.folder}", err=True)
+            self.say(f"\ninterrupted: saved {self.checkpoint} in epoch {epoch + 1} after step "
+                     f"{step}; continue with: python train.py --resume {self.folder}", err=True)
             raise SystemExit(128 + (signum or signal.SIGINT))
+        last = (f"the last good checkpoint is {self.checkpoint}" if self.checkpoint.exists()
+                else "no checkpoint was written yet")
         raise UserError(f"the loss became non-finite in epoch {epoch + 1} at step {step}; stopped "
-                        f"without saving ({self.last_good()}). Lower --blr"
+                        f"without saving ({last}). Lower --blr"
                         + (", or try --precision fp32" if self.proc.precision == "bf16" else ""))
 
-    def last_good(self):
-        return (f"the last good checkpoint is {self.checkpoint}" if self.checkpoint.exists()
-                else "no checkpoint was written yet")
-
     def finish_complete_run(self):
-        """Resuming a finished run: check what it left behind, rewrite what is missing or unreadable."""
+        """Resuming a finished run: check what it left, rewrite what is missing or unreadable."""
         rewritten = self.task.write_outputs(self.folder, only_broken=True)
         self.open_log(0)  # cuts metrics.jsonl back to the rows the final checkpoint had seen
         n = self.args.epochs
@@ -1978,7 +1683,8 @@ def start_processes(args):
 
 def pick_device(name, local_rank):
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but no CUDA GPU is available (use --device cpu)")
+        raise UserError("--device cuda was asked for, but no CUDA GPU is available (use --device "
+                        "cpu)")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -2009,7 +1715,7 @@ def cpu_flags():
 
 
 def wrap_model(model, args, proc):
-    """The module the loop calls: compiled on request, under DistributedDataParallel with torchrun."""
+    """The module the loop calls: compiled on request, under DistributedDataParallel (torchrun)."""
     if args.compile:
         model = torch.compile(model)
     if proc.world > 1:
@@ -2069,7 +1775,8 @@ class StopRequest:
         """'non-finite', 'interrupted' or None, the same on every process after the same step. It
         reads one number per step from the device: the price of never leaving a process behind."""
         bad = ~torch.isfinite(loss.detach())
-        status = torch.stack([bad.float(), torch.tensor(float(bool(self.signalled)), device=loss.device)])
+        sig = torch.tensor(float(bool(self.signalled)), device=loss.device)
+        status = torch.stack([bad.float(), sig])
         if proc.world > 1:
             dist.all_reduce(status, op=dist.ReduceOp.MAX)
         bad, sig = status.tolist()
@@ -2077,15 +1784,14 @@ class StopRequest:
 
 
 # ============================================================================================
-# 10. Images: photos, synthetic ones, unreadable ones, augmentation
+# 10. Images: downloads, photos, synthetic ones, unreadable ones, odd set-ups, augmentation
 # ============================================================================================
 
 
 class SyntheticImages(Dataset):
     """Offline images with spatial structure: a sky-to-ground luminance ramp, a left-to-right
-    colour ramp and class-dependent stripes, each image jittered by its own seed. Where a patch
-    sits is visible in its colour and brightness, so positions are learnable; the stripes'
-    frequency and orientation give 10 classes for k-NN and fine-tuning."""
+    colour ramp and stripes whose frequency and orientation give 10 classes, each image jittered by
+    its own seed. Where a patch sits shows in its colour and brightness: positions are learnable."""
 
     num_classes = 10
 
@@ -2098,10 +1804,8 @@ class SyntheticImages(Dataset):
 
     def __getitem__(self, i):
         g = torch.Generator().manual_seed(mix_seed(self.seed, i))
-        label = i % self.num_classes
-        s = self.size
-        y = torch.linspace(0, 1, s).view(s, 1).expand(s, s)
-        x = torch.linspace(0, 1, s).view(1, s).expand(s, s)
+        label, s = self.targets[i], self.size
+        y, x = torch.meshgrid(torch.linspace(0, 1, s), torch.linspace(0, 1, s), indexing="ij")
         tint = torch.rand(3, 1, 1, generator=g) * 0.3
         img = torch.stack([0.3 + 0.5 * x, 0.8 - 0.6 * y, 0.9 - 0.5 * y]) * 0.7 + tint
         freq = (label % 5 + 1) * math.pi * 2
@@ -2112,21 +1816,24 @@ class SyntheticImages(Dataset):
 
 
 def load_imagefolder(args):
+    """--data-dir and, if given, --val-dir as ImageFolders, their first classes checked to agree."""
     def folder(path, option):
         if not Path(path).is_dir():
             raise UserError(f"{option} folder {str(path)!r} does not exist")
         try:
             return torchvision.datasets.ImageFolder(str(path), loader=open_image)
         except (FileNotFoundError, RuntimeError) as e:
-            raise UserError(f"{option} folder {str(path)!r} holds no images in class sub-folders ({e})") from None
+            raise UserError(f"{option} folder {str(path)!r} holds no images in class sub-folders "
+                            f"({e})") from None
 
     train = folder(args.data_dir, "--data-dir")
     if not args.val_dir:
         return train, None
     val = folder(args.val_dir, "--val-dir")
-    n = len(train.classes) if args.classes is None else args.classes
+    n = args.classes or len(train.classes)
     if val.classes[:n] != train.classes[:n]:
-        raise UserError(f"--val-dir classes {val.classes[:5]}... differ from --data-dir classes {train.classes[:5]}...")
+        raise UserError(f"--val-dir classes {val.classes[:5]}... differ from --data-dir classes "
+                        f"{train.classes[:5]}...")
     return train, val
 
 
@@ -2139,7 +1846,9 @@ def open_image(path):
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return str(path)
 
+
 WARNINGS = []  # said once the set-up has passed every check, just before the work starts
+_warned = set()  # unreadable images named so far: each is named once
 
 
 def warn(line):
@@ -2153,8 +1862,6 @@ def say_warnings():
         print("\n".join(WARNINGS), file=sys.stderr, flush=True)
     WARNINGS.clear()
 
-_warned = set()
-
 
 def warn_unreadable(paths):
     for p in paths:
@@ -2167,9 +1874,7 @@ def collate_readable(batch):
     """default_collate of the readable images.  -> images, labels, paths of the unreadable ones."""
     bad = [x for x, _ in batch if isinstance(x, str)]
     good = [item for item in batch if not isinstance(item[0], str)]
-    if not good:
-        return None, None, bad
-    return (*default_collate(good), bad)
+    return (*default_collate(good), bad) if good else (None, None, bad)
 
 
 class SeededTransform(Dataset):
@@ -2193,71 +1898,126 @@ class SeededTransform(Dataset):
 
 
 def train_transform(size, finetune=False, mae_augment=False):
-    """Per-image augmentation, PIL image -> normalised float (3, size, size): RandomResizedCrop + flip.
-
-    mae_augment (fine-tuning, --recipe paper) is MAE's build_transform, i.e. timm's create_transform
-    with 'rand-m9-mstd0.5-inc1' and RandomErasing 'pixel': RandAugment on the PIL image after the
-    flip, as timm orders them, and after normalising, RandomErasing with p 0.25 and per-pixel N(0, 1)
-    values (area 2 %-1/3, aspect 0.3-1/0.3). No colour jitter: timm turns it off under RandAugment.
-    """
-    crop = v2.RandomResizedCrop(size, scale=crop_scale(finetune), interpolation=v2.InterpolationMode.BICUBIC,
-                                antialias=True)
+    """Per-image augmentation, PIL image -> normalised float (3, size, size): RandomResizedCrop +
+    flip. mae_augment (fine-tuning, --recipe paper) is MAE's build_transform (timm's, in timm's
+    order): RandAugment, and RandomErasing 'pixel' after normalising; no colour jitter under it."""
+    crop = [v2.RandomResizedCrop(size, scale=crop_scale(finetune), antialias=True,
+                                 interpolation=v2.InterpolationMode.BICUBIC),
+            v2.RandomHorizontalFlip()]
     to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
     if not mae_augment:
-        return v2.Compose([v2.ToImage(), crop, v2.RandomHorizontalFlip(), *to_float])
-    return v2.Compose([crop, v2.RandomHorizontalFlip(), NoisyRandAugment(), v2.ToImage(), *to_float,
-                       v2.RandomErasing(p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value="random")])
+        return v2.Compose([v2.ToImage(), *crop, *to_float])
+    # value "random": per-pixel N(0, 1), timm's mode 'pixel'
+    erase = v2.RandomErasing(p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value="random")
+    return v2.Compose([*crop, NoisyRandAugment(), v2.ToImage(), *to_float, erase])
 
 
 class NoisyRandAugment(nn.Module):
-    """timm's RandAugment 'rand-m9-mstd0.5-inc1' (MAE's --aa) built on torchvision's RandAugment ops.
-
-    As timm: `num_ops` ops drawn with replacement, each applied with probability `op_prob`, each at
-    its own level drawn from N(magnitude, magnitude_std) clipped to [0, 10] (level m = m/10 of the
-    op's maximum), the ImageNet mean as fill colour, bicubic on PIL images (bilinear on tensors,
-    the best torchvision offers there). Levels are rounded to tenths. Every draw comes from torch's
-    RNG, so `SeededTransform` replays it. Unlike timm's 'inc1' set, torchvision's ops include
-    Identity and lack Invert and SolarizeAdd, and Posterize keeps 8 -> 4 bits (timm 4 -> 0).
-    """
-
-    LEVELS = 10  # timm's magnitude scale
+    """timm's RandAugment 'rand-m9-mstd0.5-inc1' (MAE's --aa): torchvision's has no noisy levels."""
 
     def __init__(self, num_ops=2, magnitude=9.0, magnitude_std=0.5, op_prob=0.5,
                  fill=tuple(round(255 * m) for m in MEAN)):
         super().__init__()
-        self.num_ops, self.magnitude, self.magnitude_std, self.op_prob = num_ops, magnitude, magnitude_std, op_prob
-        bins = 10 * self.LEVELS + 1  # bin k: level k/10
-        self.pil_op = v2.RandAugment(num_ops=1, num_magnitude_bins=bins, fill=list(fill),
-                                     interpolation=v2.InterpolationMode.BICUBIC)
-        self.tensor_op = v2.RandAugment(num_ops=1, num_magnitude_bins=bins, fill=list(fill),
-                                        interpolation=v2.InterpolationMode.BILINEAR)
+        self.num_ops, self.magnitude, self.magnitude_std = num_ops, magnitude, magnitude_std
+        self.op_prob = op_prob
+        self.pil_op = v2.RandAugment(num_ops=1, num_magnitude_bins=101,  # bin k: level k/10
+                                     fill=list(fill), interpolation=v2.InterpolationMode.BICUBIC)
 
     def sample_bin(self):
         """One op's magnitude bin: a level from N(magnitude, std), clipped to [0, 10], in tenths."""
-        level = (self.magnitude + self.magnitude_std * torch.randn(())).clamp(0, self.LEVELS)
+        level = (self.magnitude + self.magnitude_std * torch.randn(())).clamp(0, 10)
         return int(torch.round(level * 10))
 
-    def forward(self, img):
-        op = self.pil_op if isinstance(img, Image.Image) else self.tensor_op
+    def forward(self, img):  # a PIL image: torchvision has no bicubic for tensors here
         for _ in range(self.num_ops):
             if torch.rand(()) < self.op_prob:
-                op.magnitude = self.sample_bin()
-                img = op(img)
+                self.pil_op.magnitude = self.sample_bin()
+                img = self.pil_op(img)
         return img
 
 
 def eval_crop_pct(args):
     """Share of the resized image that evaluation keeps: the whole square (laptop), or MAE's 224/256
-    up to 224 px (paper), so 224 px images are resized to 256 and lose their border, as ImageNet
-    evaluation does."""
-    return 224 / 256 if args.recipe == "paper" and args.img_size <= 224 else 1.0
+    up to 224 px (paper), so 224 px images lose their border, as ImageNet evaluation does."""
+    return switch(args.recipe, mode_of(args), "eval_crop") if args.img_size <= 224 else 1.0
 
 
 def eval_transform(size, crop_pct=1.0):
-    """Resize the shorter side to int(size / crop_pct) (bicubic), centre-crop size×size, normalise."""
-    return v2.Compose([v2.ToImage(),
-                       v2.Resize(int(size / crop_pct), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                       v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    """Resize the shorter side to int(size / crop_pct) (bicubic), centre-crop to size, normalise."""
+    resize = v2.Resize(int(size / crop_pct), interpolation=v2.InterpolationMode.BICUBIC,
+                       antialias=True)
+    return v2.Compose([v2.ToImage(), resize, v2.CenterCrop(size),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+
+def decode_in_memory(dataset, size, limit_bytes=2 ** 31):
+    """A CIFAR-size set as uint8 images (M, 3, size, size), labels (M,) and the paths of the
+    unreadable images (left out, and named); None for images over 64 px, not size×size, or over
+    2 GiB in all: those are cropped one by one from their full resolution."""
+    if size > 64 or len(dataset) * 3 * size * size > limit_bytes:
+        return None
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    if isinstance(base, torchvision.datasets.CIFAR10):  # CIFAR-100 too: it subclasses CIFAR-10
+        idx = torch.as_tensor(getattr(dataset, "indices", range(len(base))), dtype=torch.long)
+        return (torch.from_numpy(base.data).permute(0, 3, 1, 2)[idx].contiguous(),
+                torch.tensor(base.targets)[idx], [])
+    images = torch.empty(len(dataset), 3, size, size, dtype=torch.uint8)
+    labels = torch.empty(len(dataset), dtype=torch.long)
+    n, bad = 0, []
+    for i in range(len(dataset)):
+        img, label = dataset[i]
+        if isinstance(img, str):
+            bad.append(img)
+            continue
+        if img.size != (size, size):
+            return None
+        images[n], labels[n] = v2.functional.pil_to_tensor(img), label
+        n += 1
+    warn_unreadable(bad)
+    return images[:n], labels[:n], bad
+
+
+def load_cifar(args):
+    """CIFAR-10/100 from --data-dir, downloaded there if absent. A failed download leaves nothing
+    behind; an archive already there that fails its checksum is named as such."""
+    cls = getattr(torchvision.datasets, args.dataset.upper())  # CIFAR10 or CIFAR100
+    root, archive = Path(args.data_dir), Path(args.data_dir) / cls.filename
+    if archive.exists() and not torchvision.datasets.utils.check_integrity(archive, cls.tgz_md5):
+        raise UserError(f"{str(archive)!r} is corrupt or incomplete (its MD5 checksum does not "
+                        "match); delete it and run again to download it, or put a good copy there")
+    before = set(root.rglob("*")) if root.exists() else None
+    try:
+        return tuple(cls(args.data_dir, train=t, download=True) for t in (True, False))
+    except Exception as e:  # network, disk or archive: all end the same way for the user
+        if before is None:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            for p in sorted(set(root.rglob("*")) - before, reverse=True):  # files before folders
+                p.rmdir() if p.is_dir() else p.unlink()
+        why = (str(e).splitlines() or [""])[0]
+        raise UserError(f"could not get {args.dataset} into {args.data_dir!r} ({type(e).__name__}: "
+                        f"{why}). Download {cls.filename} from "
+                        "https://www.cs.toronto.edu/~kriz/cifar.html and put it in "
+                        f"{args.data_dir!r} (or pass --data-dir), or use --dataset synthetic, "
+                        "which works offline") from None
+
+
+def warn_about_classes(data):
+    """Set-ups that train without complaint but are almost certainly not what was meant."""
+    names = (getattr(data.train.dataset, "classes", None)
+             or [str(c) for c in range(data.num_classes)])
+    if data.num_classes == 1:
+        warn("the data has one class: k-NN and fine-tuning top-1 are 100 % whatever is learned")
+    empty = [names[c] for c, n in enumerate(data.per_class) if n == 0]
+    if empty:
+        warn(f"{len(empty)} class(es) have no training image (e.g. {empty[0]!r}): the held-out "
+             "images of such a class cannot be classified right")
+    splits = sorted({n.lower() for n in names}
+                    & {"train", "training", "test", "val", "valid", "validation"})
+    if splits:
+        warn(f"the class folders of --data-dir are named like splits ({', '.join(splits)}): "
+             "--data-dir should be the training split itself, e.g. --data-dir "
+             f"{Path(data.args.data_dir) / splits[-1]}")
 
 
 # ============================================================================================
@@ -2266,13 +2026,12 @@ def eval_transform(size, crop_pct=1.0):
 
 
 def evaluate(args):
-    """--evaluate: score a checkpoint without training anything. With a position head (train.py's
-    pre-training checkpoint, the official DropPos one): position top-1, within one cell and
-    distance at its ratios, and the picture; for every encoder k-NN top-1; for a fine-tuning
-    checkpoint test top-1. Each number next to its chance. evaluation.json and one JSON line."""
+    """--evaluate: score a checkpoint, training nothing. With a position head: position top-1,
+    within one cell and distance at its ratios, and the picture; a fine-tuning checkpoint's test
+    top-1; every encoder's k-NN top-1; each beside its chance. evaluation.json and one JSON line."""
     proc = start_processes(args)
     data = Data(args, proc)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the masks the scores and the picture use
     path, folder = args.evaluate, Path(args.output_dir)
     imp = imported(path)
     results = {"checkpoint": path, "source": imp.source, "epoch": imp.epoch}
@@ -2282,7 +2041,8 @@ def evaluate(args):
         load_state(model, imp.model, f"the model in {path!r}")
         encoder = model.encoder
     elif imp.mode == "finetune":  # train.py's classifier
-        model = Classifier(build_encoder(args), data.num_classes, imp.args.get("recipe") == "paper")
+        mae_head = switch(imp.args.get("recipe", "laptop"), "finetune", "mae_head")
+        model = Classifier(build_encoder(args), data.num_classes, mae_head)
         load_state(model, load_checkpoint(path)["model"], f"the classifier in {path!r}")
         encoder = model.to(proc.device).encoder
     else:
@@ -2293,7 +2053,7 @@ def evaluate(args):
         chance = chance_of_grid(model.grid, "test_pos")
         results.update(scores, **{f"{k}_chance": v for k, v in chance.items()},
                        mask_ratio=args.mask_ratio, pos_mask_ratio=args.pos_mask_ratio)
-        imgs = data.picture_images() if proc.rank == 0 else None
+        imgs = picture_images(data) if proc.rank == 0 else None
         if imgs is not None:
             save_reassembly(model, imgs, folder / "reassembly.png", proc, beliefs["test_pos"])
     elif imp.mode == "finetune":
@@ -2309,72 +2069,90 @@ def evaluate(args):
 # 12. Pictures: reassembly.png, the head's beliefs, curves.png
 # ============================================================================================
 
-GIVEN, CORRECT, CLASH = (0, 200, 0), (255, 200, 0), (230, 0, 0)  # border colours in reassembly.png
-
+GIVEN, CORRECT, CLASH = (0, 200, 0), (255, 200, 0), (230, 0, 0)  # cell borders in reassembly.png
 LEGEND = ("green: position given  ·  yellow: patch in its true cell  ·  "
           "red k: k patches sent to one cell, the surest shown  ·  grey: no patch")
+FONT, SMALL = ImageFont.load_default(size=14), ImageFont.load_default(size=11)
+CELL, PAD = 16, 8  # px per cell of maps A and B, px margin
+ORIGIN = (PAD, 68)  # top left of map A; map B starts (h + 2) * CELL to its right
+TRUE, ARGMAX, EMPTY = (0, 220, 255), (0, 200, 0), 200 / 255  # cyan, green, grey: no data
+SKIP = {"epoch", "step", "summary", "skipped_images", "elapsed_s", "images_per_sec", "best_top1"}
+
+
+def picture_images(data):
+    """8 held-out images for reassembly.png, spread over the set: folders list their images
+    class by class, so the first 8 would often be of one class. Unreadable ones are left out."""
+    tf, imgs = eval_transform(data.args.img_size, eval_crop_pct(data.args)), []
+    for i in range(0, len(data.held_out), max(len(data.held_out) // 8, 1)):
+        img = data.held_out[i][0]
+        if isinstance(img, str):
+            warn_unreadable([img])
+        else:
+            imgs.append(tf(img))
+        if len(imgs) == 8:
+            break
+    return torch.stack(imgs) if imgs else None
+
+
+def denormalize(imgs):
+    """Inverse of `normalize`, clamped to [0, 1] for display."""
+    mean, std = (torch.tensor(v, device=imgs.device).view(3, 1, 1) for v in (MEAN, STD))
+    return (imgs * std + mean).clamp(0, 1)
 
 
 def save_reassembly(model, imgs, path, proc, beliefs=None):
-    """reassembly.png: 8 held-out images (ImageNet-normalised) as the model puts them back together.
-
-    The mask is seeded and the training RNG left untouched, so the pictures of different epochs
-    show the same patches and a resumed run stays exact.
-    """
-    was_training = model.training
+    """reassembly.png: 8 held-out images (ImageNet-normalised) as the model puts them back, the
+    head's beliefs below. A seeded mask in a forked RNG: every epoch shows the same patches, and a
+    resumed run stays exact."""
+    was_training, devices = model.training, [proc.device] if proc.device.type == "cuda" else []
     model.eval()
-    with torch.no_grad(), torch.random.fork_rng([proc.device] if proc.device.type == "cuda" else []), autocast(proc):
-        torch.default_generator.manual_seed(0)
-        if proc.device.type == "cuda":
-            torch.cuda.manual_seed(0)
+    with torch.no_grad(), torch.random.fork_rng(devices), autocast(proc):
+        torch.manual_seed(0)
         imgs = imgs.to(proc.device)
         out = model(imgs, 0.0)
         B, N = len(imgs), model.encoder.num_patches
-        everywhere = torch.arange(N, device=proc.device).expand(B, N)  # every patch: weights sum to 1 over N
-        weights = droppos.attentive_weights(model.encoder, imgs, everywhere, model.tau)  # (B, N)
+        everywhere = torch.arange(N, device=proc.device).expand(B, N)  # weights (B, N) sum to 1
+        weights = droppos.attentive_weights(model.encoder, imgs, everywhere, model.tau)
     model.train(was_training)
-    rows, info = reassembly_rows(denormalize(imgs.float()).cpu(), out.ids_keep.cpu(), out.dropped.cpu(),
-                                 out.logits.float().softmax(-1).cpu(), weights.float().cpu(), model.grid,
+    rows, info = reassembly_rows(denormalize(imgs.float()), out.ids_keep, out.dropped,
+                                 out.logits.float().softmax(-1), weights.float(), model.grid,
                                  model.encoder.patch_size)
     labels = ["original", f"visible ({round(100 * model.n_vis / N)}%)", "predicted", "attention"]
     caption = (f"position accuracy on dropped patches: {100 * out.acc.item():.1f}%  ·  "
                f"attention: each patch's weight in the loss, hot = high\n{LEGEND}")
     picture = draw_reassembly(rows, info, max(1, math.ceil(128 / imgs.shape[-1])), labels, caption)
     if beliefs is not None and len(beliefs[1]):  # below: what the head predicts on the held-out set
-        below = draw_beliefs(*beliefs, model.grid)
-        both = Image.new("RGB", (max(picture.width, below.width), picture.height + below.height),
-                         "white")
-        both.paste(picture, (0, 0)), both.paste(below, (0, picture.height))
-        picture = both
+        pic, below = picture, draw_beliefs(*beliefs, model.grid)
+        size = (max(pic.width, below.width), pic.height + below.height)
+        picture = Image.new("RGB", size, "white")
+        picture.paste(pic)
+        picture.paste(below, (0, pic.height))
     atomic_write(path, lambda f: picture.save(f, format="PNG"))
 
 
 def reassembly_rows(pixels, ids_keep, dropped, probs, weights, grid, patch_size):
     """The picture's rows as images (B, 3, H, W) in [0, 1], and the cells the drawing marks.
-
-    pixels (B, 3, H, W) in [0, 1]; ids_keep, dropped (B, n); probs (B, n, N); weights (B, N).
-    """
-    B, n, N = probs.shape
+    pixels (B, 3, H, W) in [0, 1]; ids_keep, dropped (B, n); probs (B, n, N); weights (B, N)."""
     patches = patchify(pixels, patch_size)  # (B, N, p·p·3)
     vis = droppos.gather_tokens(patches, ids_keep)  # (B, n, p·p·3)
-    grey = torch.full_like(patches, 0.5)
-    cells = torch.arange(N)
+    cells = torch.arange(probs.shape[-1], device=probs.device)
     conf, pred = probs.max(-1)  # (B, n)
     claims = pred[..., None] == cells  # (B, n, N)
     count = claims.sum(1)  # (B, N)
     # scatter with repeated indices keeps an arbitrary writer; on a collision we want the surest one
     winner = torch.where(claims, conf[..., None], -1.0).argmax(1)  # (B, N)
-    t = weights / weights.amax(1, keepdim=True)  # (B, N), hottest patch at 1 in every image
-    hot = heat(t)  # black → red → yellow → white
-    lum = patchify(pixels.mean(1, keepdim=True).expand_as(pixels), patch_size)  # grey copy: colour = heat
+    surest = droppos.gather_tokens(vis, winner)  # (B, N, p·p·3): the patch each cell shows
+    shown = torch.zeros_like(count, dtype=torch.bool).scatter(1, ids_keep, True)  # (B, N)
+    hot = heat(weights / weights.amax(1, keepdim=True))  # (B, N, 3), the hottest patch white
+    lum = patchify(pixels.mean(1, keepdim=True).expand_as(pixels), patch_size)  # colour = heat
     rows = dict(original=patches,
-                visible=grey.scatter(1, ids_keep[..., None].expand_as(vis), vis),
-                predicted=torch.where((count > 0)[..., None], droppos.gather_tokens(vis, winner), grey),
+                visible=torch.where(shown[..., None], patches, 0.5),
+                predicted=torch.where(count[..., None] > 0, surest, 0.5),
                 attention=0.3 * lum + 0.7 * repeat(hot, "b n c -> b n (pp c)", pp=patch_size ** 2))
     info = dict(patch_size=patch_size,
-                kept=torch.zeros(B, N, dtype=torch.bool).scatter(1, ids_keep, ~dropped),  # (B, N)
+                kept=shown.scatter(1, ids_keep, ~dropped),  # (B, N), False where dropped
                 correct=(ids_keep.gather(1, winner) == cells) & (count > 0),  # (B, N)
-                collisions=[[(c, k) for c, k in enumerate(row) if k >= 2] for row in count.tolist()])
+                collisions=[[(c, k) for c, k in enumerate(ks) if k > 1] for ks in count.tolist()])
     return {k: unpatchify(v, patch_size, grid).clamp(0, 1) for k, v in rows.items()}, info
 
 
@@ -2382,51 +2160,42 @@ def draw_reassembly(rows, info, scale, labels, caption):
     """Enlarge the rows (nearest neighbour), label them at the left, mark cells, caption on top."""
     font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=10)
     B, _, H, W = next(iter(rows.values())).shape
-    c, w, gap, line = info["patch_size"] * scale, W // info["patch_size"], 6, 20  # c: cell side in px
+    c, w, gap = info["patch_size"] * scale, W // info["patch_size"], 6  # c: cell side in px
+    dx, dy, top = W * scale + gap, H * scale + gap, gap + 20 * (caption.count("\n") + 1)
     label_w = max(font.getbbox(s)[2] for s in labels) + 2 * gap
-    lines = caption.split("\n")
-    size = (max(label_w + B * (W * scale + gap), max(font.getbbox(s)[2] for s in lines) + 2 * gap),
-            gap + line * len(lines) + len(rows) * (H * scale + gap))
-    canvas = Image.new("RGB", size, "white")
+    text_w = max(font.getbbox(s)[2] for s in caption.split("\n")) + 2 * gap
+    canvas = Image.new("RGB", (max(label_w + B * dx, text_w), top + len(rows) * dy), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.multiline_text((gap, gap), caption, fill="black", font=font, spacing=line - 15)
-    for r, (name, img) in enumerate(rows.items()):
-        y0 = gap + line * len(lines) + r * (H * scale + gap)
-        draw.text((gap, y0 + H * scale // 2), labels[r], fill="black", font=font, anchor="lm")
-        big = F.interpolate(img.float(), scale_factor=scale, mode="nearest").mul(255).round().byte()
-        for b in range(B):
-            x0 = label_w + b * (W * scale + gap)
-            canvas.paste(Image.fromarray(big[b].permute(1, 2, 0).numpy()), (x0, y0))
-            clashes = info["collisions"][b] if name == "predicted" else []
-            marks = {"visible": [(k, GIVEN) for k in info["kept"][b].nonzero().flatten().tolist()],
-                     "predicted": [(k, CORRECT) for k in info["correct"][b].nonzero().flatten().tolist()]
-                     + [(k, CLASH) for k, _ in clashes]}.get(name, [])
-            for k, colour in marks:  # inside the cell, so neighbouring borders never overlap
-                x, y = x0 + k % w * c, y0 + k // w * c
-                draw.rectangle([x, y, x + c - 1, y + c - 1], outline=colour, width=max(1, c // 8))
-            for k, count in clashes:  # the count on a red tab in the corner; a wider label would hide the patch
-                x, y = x0 + k % w * c, y0 + k // w * c
-                box = draw.textbbox((x + 1, y + 1), str(count), font=small, anchor="lt")
-                draw.rectangle([x, y, box[2] + 1, box[3] + 1], fill=CLASH)
-                draw.text((x + 1, y + 1), str(count), fill="white", font=small, anchor="lt")
+    big = torch.cat(list(rows.values())).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    big = torchvision.utils.make_grid(big.float(), B, gap, pad_value=1)  # white padding all round,
+    canvas.paste(to_pil(big.permute(1, 2, 0)), (label_w - gap, top - gap))  # so it goes first
+    draw.multiline_text((gap, gap), caption, fill="black", font=font, spacing=5)  # 20 px a line
+    y0 = {name: top + r * dy for r, name in enumerate(rows)}
+    for y, label in zip(y0.values(), labels):
+        draw.text((gap, y + H * scale // 2), label, fill="black", font=font, anchor="lm")
+    marks = [("visible", b, k, GIVEN, 0) for b, k in info["kept"].nonzero().tolist()]  # 0: no tab
+    marks += [("predicted", b, k, CORRECT, 0) for b, k in info["correct"].nonzero().tolist()]
+    marks += [("predicted", b, k, CLASH, n)
+              for b, clashes in enumerate(info["collisions"]) for k, n in clashes]
+    for name, b, k, colour, n in (m for m in marks if m[0] in y0):  # borders inside their cell
+        x, y = label_w + b * dx + k % w * c, y0[name] + k // w * c
+        draw.rectangle([x, y, x + c - 1, y + c - 1], outline=colour, width=max(1, c // 8))
+        if n:  # the count on a red tab in the corner; a wider label would hide the patch
+            box = draw.textbbox((x + 1, y + 1), str(n), font=small, anchor="lt")
+            draw.rectangle([x, y, box[2] + 1, box[3] + 1], fill=CLASH)
+            draw.text((x + 1, y + 1), str(n), fill="white", font=small, anchor="lt")
     return canvas
-
-FONT, SMALL = ImageFont.load_default(size=14), ImageFont.load_default(size=11)
-
-CELL, PAD = 16, 8  # px per cell of maps A and B, px margin
-
-ORIGIN = (PAD, 68)  # top left of map A; map B starts (h + 2) * CELL to its right
-
-TRUE, ARGMAX, EMPTY = (0, 220, 255), (0, 200, 0), (200, 200, 200)  # cyan, green, no data
-
-SKIP = {"epoch", "step", "summary", "skipped_images", "elapsed_s", "images_per_sec", "best_top1"}
-
-PW, PH, THIN, THICK = 280, 160, (90, 120, 200), (210, 70, 0)  # curve panel px; progress, summary
 
 
 def heat(t):
     """(...) in [0, 1] -> (..., 3) floats: black -> red -> yellow -> white."""
     return torch.stack([3 * t, 3 * t - 1, 3 * t - 2], -1).clamp(0, 1)
+
+
+def to_pil(rgb, cell=1):
+    """(H, W, 3) floats in [0, 1] -> PIL image, each pixel enlarged to a `cell` px square."""
+    img = Image.fromarray(rgb.mul(255).round().byte().cpu().numpy())
+    return img.resize((img.width * cell, img.height * cell), Image.NEAREST)
 
 
 def row_col_beliefs(probs, true_pos, grid):
@@ -2441,20 +2210,11 @@ def row_col_beliefs(probs, true_pos, grid):
     return tuple(out)
 
 
-def heat_image(values, vmax, cell):
-    """(a, b) values -> PIL image of a x b squares of `cell` px coloured by values / vmax."""
-    rgb = heat(values.float() / vmax)
-    rgb[values.isnan()] = torch.tensor(EMPTY) / 255
-    return Image.fromarray(rgb.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
-                           .mul(255).round().byte().numpy())
-
-
 def draw_beliefs(probs, true_pos, grid, examples=4):
     """probs: (M, N) predicted distributions, true_pos: (M,) long, grid: (h, w) -> RGB image.
     A: true row x predicted row (row_col_beliefs), B: the same for columns, on one scale;
     C: `examples` evenly spaced patches, each over the grid, on a scale of their own."""
     h, w = grid
-    probs, true_pos = probs.detach().float().cpu(), true_pos.detach().long().cpu()
     rows, cols = row_col_beliefs(probs, true_pos, grid)
     s = position_scores(probs, true_pos, grid)
     img = Image.new("RGB", (4000, 2000), "white")  # ample; cropped to what is drawn
@@ -2467,9 +2227,9 @@ def draw_beliefs(probs, true_pos, grid, examples=4):
         f"{s['distance']:.2f} cells (chance {s['chance_distance']:.2f})"))
     x, y = ORIGIN
     vmax = max(rows.nan_to_num(0).max().item(), cols.nan_to_num(0).max().item())
-    for m, title in ((rows, "A rows"), (cols, "B columns")):
+    for m, title in ((rows, "A rows"), (cols, "B columns")):  # framed: white cells show
         d.text((x, y - 4), title, "black", FONT, anchor="ld")
-        img.paste(heat_image(m, vmax, CELL), (x, y))
+        img.paste(to_pil(heat(m / vmax).nan_to_num(EMPTY), CELL), (x, y))  # NaN: no data
         d.rectangle([x - 1, y - 1, x + len(m) * CELL, y + len(m) * CELL], outline="grey")
         x += (len(m) + 2) * CELL
     bars = [(x, y, max(h, w) * CELL, vmax, {f"1/{h}": 1 / h, f"1/{w}": 1 / w})]  # h = w: 1 mark
@@ -2477,8 +2237,8 @@ def draw_beliefs(probs, true_pos, grid, examples=4):
     c, x, y, vmax = CELL // 2, PAD, y + (max(h, w) + 3) * CELL, probs[idx].max().item()
     d.text((x, y - 4), "C patches", "black", FONT, anchor="ld")
     for k in idx.tolist():
-        img.paste(heat_image(probs[k].view(h, w), vmax, c), (x, y))
-        d.rectangle([x - 1, y - 1, x + w * c, y + h * c], outline="grey")  # white cells show
+        img.paste(to_pil(heat(probs[k].view(h, w) / vmax), c), (x, y))
+        d.rectangle([x - 1, y - 1, x + w * c, y + h * c], outline="grey")
         t, a = true_pos[k].item(), probs[k].argmax().item()
         tx, ty, ax, ay = x + t % w * c, y + t // w * c, x + a % w * c, y + a // w * c
         d.rectangle([tx, ty, tx + c - 1, ty + c - 1], outline=TRUE, width=2)
@@ -2486,7 +2246,7 @@ def draw_beliefs(probs, true_pos, grid, examples=4):
         x += w * c + 2 * PAD
     bars.append((x, y, h * c, vmax, {"1/N": 1 / (h * w)}))
     for x, y, n, vmax, marks in bars:  # colour scales, n px tall: 0 at the bottom, chance ticked
-        img.paste(heat_image(torch.linspace(vmax, 0, n)[:, None].expand(-1, 12), vmax, 1), (x, y))
+        img.paste(to_pil(heat(torch.linspace(1, 0, n)[:, None].expand(-1, 12))), (x, y))
         d.text((x, y - 2), f"{vmax:.3g}", "black", SMALL, anchor="ld")
         d.text((x, y + n + 2), "0", "black", SMALL, anchor="lt")
         ty = [y + round((1 - v / vmax) * (n - 1)) for v in marks.values()]
@@ -2514,28 +2274,28 @@ def draw_curves(rows, chance=None, columns=3):
     """metrics.jsonl rows (list of dicts) -> RGB image: a panel per numeric key over epochs, a
     summary at its epoch, a progress row at step / steps_per_epoch; NaN or missing: skipped.
     chance: key -> value in the rows' unit. "acc" is a fraction, drawn x 100; the rest as is."""
+    pw, ph, unit = 280, 160, {"acc": 100}  # px per panel; acc is a fraction, drawn in %
     summ = [r for r in rows if r.get("summary") and finite(r.get("epoch"))]
     prog = [r for r in rows if not r.get("summary") and finite(r.get("epoch"))
             and finite(r.get("step"))]
     spe = steps_per_epoch(prog, summ)
-    keys = dict.fromkeys(k for r in prog + summ for k, v in r.items() if k not in SKIP
-                         and finite(v))
-    unit = {k: 100 if k == "acc" else 1 for k in keys}
-    lines = {k: [sorted((x(r), r[k] * unit[k]) for r in rs if finite(r.get(k)))
-                 for rs, x in ((prog, lambda r: r["step"] / spe), (summ, lambda r: r["epoch"]))]
-             for k in keys}
+    at_x = [[(r["step"] / spe, r) for r in prog], [(r["epoch"], r) for r in summ]]
+    keys = dict.fromkeys(k for r in prog + summ for k, v in r.items()
+                         if k not in SKIP and finite(v))
+    lines = {k: [sorted((x, r[k] * unit.get(k, 1)) for x, r in xr if finite(r.get(k)))
+                 for xr in at_x] for k in keys}
+    chance = {k: v * unit.get(k, 1) for k, v in (chance or {}).items() if v is not None}
     xmax = max((x for thin, thick in lines.values() for x, _ in thin + thick), default=1) or 1
     caption = (f"x: epochs, progress rows at step / {spe:g}.  Thin line: progress rows, dots: "
                "epoch summaries, grey: chance" if keys else f"{len(rows)} rows, nothing to draw")
-    img = Image.new("RGB", (max(min(columns, len(keys)) * PW, round(FONT.getlength(caption)))
-                            + 2 * PAD, 28 + math.ceil(len(keys) / columns) * PH), "white")
+    img = Image.new("RGB", (max(min(columns, len(keys)) * pw, round(FONT.getlength(caption)))
+                            + 2 * PAD, 28 + math.ceil(len(keys) / columns) * ph), "white")
     d = ImageDraw.Draw(img)
     d.text((PAD, PAD), caption, "black", FONT)
     for i, (k, (thin, thick)) in enumerate(lines.items()):
-        x0, y0 = PAD + i % columns * PW, 28 + i // columns * PH
-        px0, py0, px1, py1 = x0 + 48, y0 + 18, x0 + PW - 12, y0 + PH - 22
-        c = None if (chance or {}).get(k) is None else chance[k] * unit[k]
-        ys = [y for _, y in thin + thick] + [c] * (c is not None)
+        x0, y0 = PAD + i % columns * pw, 28 + i // columns * ph
+        px0, py0, px1, py1 = x0 + 48, y0 + 18, x0 + pw - 12, y0 + ph - 22
+        ys = [y for _, y in thin + thick] + ([chance[k]] if k in chance else [])
         lo, hi = min(ys), max(ys)
         a, b = (lo, hi) if hi > lo else (lo - 1, hi + 1)  # a flat line sits mid-panel
 
@@ -2546,10 +2306,11 @@ def draw_curves(rows, chance=None, columns=3):
         for v in (lo, hi):
             d.text((px0 - 4, at(0, v)[1]), f"{v:.3g}", "black", SMALL, anchor="rm")
         d.text(((px0 + px1) / 2, py1 + 4), f"epoch 0 to {xmax:g}", "black", SMALL, anchor="mt")
-        if c is not None:
-            d.line([px0, at(0, c)[1], px1, at(0, c)[1]], fill="grey")
-            d.text((px1 - 3, at(0, c)[1] - 2), "chance", "grey", SMALL, anchor="rd")
-        for pts, colour, width, r in ((thin, THIN, 1, 2 * (len(thin) == 1)), (thick, THICK, 2, 3)):
+        if k in chance:
+            d.line([px0, at(0, chance[k])[1], px1, at(0, chance[k])[1]], fill="grey")
+            d.text((px1 - 3, at(0, chance[k])[1] - 2), "chance", "grey", SMALL, anchor="rd")
+        series = (thin, (90, 120, 200), 1, 2 * (len(thin) == 1)), (thick, (210, 70, 0), 2, 3)
+        for pts, colour, width, r in series:  # progress rows, summaries
             pts = [at(*p) for p in pts]
             d.line(pts, fill=colour, width=width)  # PIL draws no line through a single point
             for x, y in pts:  # dots: summaries and a lone progress row
@@ -2565,35 +2326,23 @@ def draw_curves(rows, chance=None, columns=3):
 class Logger:
     """Progress lines on stdout and one JSON object per line in metrics.jsonl (rank 0 writes).
 
-    Running sums stay on the device and are read only when a line is due, every --log-every
-    seconds. Epochs are counted from 1 in both places; `step` in metrics.jsonl counts optimiser
-    steps over the whole run.
-    """
+    Epochs count from 1 in both; `step` in metrics.jsonl counts optimiser steps over the run.
+    Every accuracy in metrics.jsonl is in percent (rows of versions before the keys pos_top1 /
+    train_top1 held "acc" as a fraction). The loss is read once per step: `StopRequest.agreed`
+    reads the device then anyway, so keeping sums on the device would buy nothing."""
 
-    def __init__(self, path, rows_kept, proc, every_s, steps_per_epoch, total_steps, first_step, epoch_sums,
-                 acc_names, elapsed_before):
+    def __init__(self, path, rows_kept, proc, every_s, steps_per_epoch, total_steps, first_step,
+                 epoch_sums, acc_names, elapsed_before):
         self.path, self.proc, self.every_s = path, proc, every_s
-        # (console name, metrics.jsonl key); metrics.jsonl holds every accuracy in percent (rows of
-        # versions before the key was pos_top1 / train_top1 held "acc" as a fraction)
-        self.acc_name, self.acc_key = acc_names
-        self.epochs = total_steps // steps_per_epoch
-        self.steps_per_epoch, self.total_steps, self.first_step = steps_per_epoch, total_steps, first_step
-        self.sums = torch.zeros(3, device=proc.device)  # loss, accuracy, steps since the last line
-        self.epoch_sums = torch.tensor(epoch_sums or [0.0, 0.0, 0.0], device=proc.device)
         self.rows, self.file = rows_kept, None
+        self.acc_name, self.acc_key = acc_names  # on the console, in metrics.jsonl
+        self.epochs, self.steps_per_epoch = total_steps // steps_per_epoch, steps_per_epoch
+        self.total_steps, self.first_step = total_steps, first_step
+        self.sums = [0.0, 0.0, 0]  # loss, accuracy, steps since the last line
+        self.epoch_sums = list(epoch_sums or [0.0, 0.0, 0])  # the same since the epoch began
         self.t_start = self.t_last = time.time()
         self.elapsed_before = elapsed_before  # earlier sittings of this run, up to its checkpoint
         self.imgs_since, self.timed, self.clock = 0, False, None
-        if proc.rank == 0:
-            self.cut_metrics(rows_kept)
-
-    def cut_metrics(self, rows):
-        """Keep the rows the checkpoint had seen; rows written after it are about to be redone."""
-        if not self.path.exists():
-            return
-        lines = self.path.read_bytes().splitlines(keepends=True)
-        if len(lines) != rows:
-            atomic_write(self.path, lambda f: f.writelines(lines[:rows]))
 
     def header(self, line):
         if self.proc.rank == 0:
@@ -2601,35 +2350,49 @@ class Logger:
 
     def step(self, epoch, step, loss, acc, n_imgs, lr, extra):
         """Count one step (epoch from 0, step from 1 within it); write a line when one is due."""
-        stat = torch.stack([loss.detach().float(), acc.detach().float(), torch.ones((), device=loss.device)])
-        self.sums += stat
-        self.epoch_sums += stat
+        loss, acc = float(loss.detach()), float(acc)  # `acc` never needs a gradient
+        for sums in (self.sums, self.epoch_sums):
+            sums[0], sums[1], sums[2] = sums[0] + loss, sums[1] + acc, sums[2] + 1
         self.imgs_since += n_imgs * self.proc.world
         now, done = time.time(), epoch * self.steps_per_epoch + step
-        if self.clock is None:  # the first step of a sitting warms up (and compiles): time the rest
+        if self.clock is None:  # a sitting's first step warms up (and compiles): time the rest
             self.clock = (now, done)
         if now - self.t_last < self.every_s and step != self.steps_per_epoch:
             return
         # This process's share only: the processes log at different steps, so no collective here.
-        loss_mean, acc_mean = self.mean(self.sums, across=False)
+        loss_mean, acc_mean = self.sums[0] / self.sums[2], self.sums[1] / self.sums[2]
         ips = self.imgs_since / max(now - self.t_last, 1e-9)
         per_step = (now - self.clock[0]) / max(done - self.clock[1], 1)
-        left = (self.total_steps - done) * per_step
+        fields = "".join(f"{'σ' if k == 'sigma' else k} {v:.3f}  " for k, v in extra.items())
         self.write({"epoch": epoch + 1, "step": done, "loss": loss_mean,
-                    self.acc_key: 100 * acc_mean,
-                    "lr": lr, **extra, "images_per_sec": ips},
-                   f"epoch {epoch + 1}/{self.epochs}  step {step}/{self.steps_per_epoch}  loss {loss_mean:.4f}  "
-                   f"{self.acc_name} {100 * acc_mean:.2f}%  lr {lr:.2e}  "
-                   + "".join(f"{'σ' if k == 'sigma' else k} {v:.3f}  " for k, v in extra.items())
-                   + f"{ips:.0f} img/s  left {fmt_time(left)}")
+                    self.acc_key: 100 * acc_mean, "lr": lr, **extra, "images_per_sec": ips},
+                   f"epoch {epoch + 1}/{self.epochs}  step {step}/{self.steps_per_epoch}  "
+                   f"loss {loss_mean:.4f}  {self.acc_name} {100 * acc_mean:.2f}%  lr {lr:.2e}  "
+                   f"{fields}{ips:.0f} img/s  left "
+                   f"{fmt_time((self.total_steps - done) * per_step)}")
         if not self.timed and done - self.clock[1] >= 5:
-            self.timed = True
-            self.header(f"timed {done - self.clock[1]} steps after the "
-                        f"first: {per_step:.2f} s/step, so "
-                        f"the {self.total_steps - self.first_step} steps left take about "
-                        f"{fmt_time(per_step * (self.total_steps - self.first_step))} (plus evaluation)")
-        self.sums.zero_()
-        self.t_last, self.imgs_since = now, 0
+            self.timed, left = True, self.total_steps - self.first_step
+            self.header(f"timed {done - self.clock[1]} steps after the first: {per_step:.2f} "
+                        f"s/step, so the {left} steps left take about "
+                        f"{fmt_time(per_step * left)} (plus evaluation)")
+        self.sums, self.t_last, self.imgs_since = [0.0, 0.0, 0], now, 0
+
+    def epoch_summary(self, epochs_done, results, left_out):
+        sums = self.epoch_sums
+        if self.proc.world > 1:  # every process's steps
+            t = torch.tensor(sums, dtype=torch.float64, device=self.proc.device)
+            dist.all_reduce(t)
+            sums = t.tolist()
+        loss_mean, acc_mean = sums[0] / max(sums[2], 1), sums[1] / max(sums[2], 1)
+        self.epoch_sums = [0.0, 0.0, 0]
+        elapsed = self.elapsed()
+        extra = "".join(f"  {k} {v:.2f}{'' if k.endswith('distance') else '%'}"
+                        for k, v in results.items())
+        self.write({"epoch": epochs_done, "summary": True, "loss": loss_mean,
+                    self.acc_key: 100 * acc_mean, **results, "skipped_images": left_out,
+                    "elapsed_s": elapsed},
+                   f"== epoch {epochs_done}/{self.epochs} done  loss {loss_mean:.4f}  "
+                   f"{self.acc_name} {100 * acc_mean:.2f}%{extra}  elapsed {fmt_time(elapsed)}")
 
     def draw_curves(self, chance):
         """curves.png from metrics.jsonl: a run's learning curves, redrawn after every epoch."""
@@ -2639,36 +2402,15 @@ class Logger:
             picture = draw_curves(rows, chance)
             atomic_write(self.path.with_name("curves.png"), lambda f: picture.save(f, format="PNG"))
 
-    def epoch_summary(self, epochs_done, results, left_out):
-        loss_mean, acc_mean = self.mean(self.epoch_sums, across=True)
-        self.epoch_sums.zero_()
-        elapsed = self.elapsed()
-        extra = "".join(f"  {k} {v:.2f}{'' if k.endswith('distance') else '%'}"
-                        for k, v in results.items())
-        self.write({"epoch": epochs_done, "summary": True, "loss": loss_mean,
-                    self.acc_key: 100 * acc_mean,
-                    **results,
-                    "skipped_images": left_out, "elapsed_s": elapsed},
-                   f"== epoch {epochs_done}/{self.epochs} done  loss {loss_mean:.4f}  {self.acc_name} "
-                   f"{100 * acc_mean:.2f}%{extra}  "
-                   f"elapsed {fmt_time(elapsed)}")
-
     def elapsed(self):
-        """Wall seconds of the run's kept work, summed over every sitting (a resume continues it)."""
+        """Wall seconds of the run's kept work, summed over every sitting (resume continues it)."""
         return self.elapsed_before + time.time() - self.t_start
-
-    def mean(self, sums, across):
-        if across and self.proc.world > 1:
-            sums = sums.clone()
-            dist.all_reduce(sums)
-        s = sums.tolist()
-        return [v / max(s[-1], 1) for v in s[:-1]]
 
     def write(self, record, line):
         if self.proc.rank != 0:
             return
         try:
-            if self.file is None:  # created with its first row: a run that logged nothing leaves no log
+            if self.file is None:  # made with its first row: a run that logged nothing leaves none
                 self.file = open(self.path, "a")
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
@@ -2693,44 +2435,35 @@ def fmt_time(s):
 # ============================================================================================
 
 
-def matmul_flops(device, dtype, max_n=None, budget_s=0.3):
-    """Measured FLOP/s of large square matmuls: the peak a training step can hope for."""
-    max_n = max_n or (8192 if device.type == "cuda" else 2048)
-    n, per_call = 256, 0.0
-    while True:  # grow the size until one product takes long enough to time, or is large
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        per_call = _time(lambda: a @ b, device, reps=1)
-        if per_call > 0.02 or n >= max_n:
-            break
-        n *= 2
-    reps = max(1, int(budget_s / max(per_call, 1e-6)))
-    return 2 * n ** 3 / _time(lambda: a @ b, device, reps)
-
-
-def _time(fn, device, reps):
-    fn()
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t) / reps
-
-
-def sync(device):
+def clock(device):
+    """time.perf_counter() once the device has done the work queued so far: what timing needs."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def matmul_flops(device, dtype):
+    """Measured FLOP/s of large square matmuls: the peak a training step can hope for."""
+    n, per_call, max_n = 128, 0.0, 8192 if device.type == "cuda" else 2048
+    while per_call < 0.02 and n < max_n:  # grow the size until one product takes 20 ms to time
+        n *= 2
+        a, b = torch.randn(2, n, n, device=device, dtype=dtype)
+        a @ b  # warm-up: the first product of a size sets up its kernel
+        t = clock(device)
+        a @ b
+        per_call = clock(device) - t
+    reps = max(1, int(0.3 / max(per_call, 1e-6)))  # about 0.3 s of products
+    t = clock(device)
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (clock(device) - t)
 
 
 def droppos_flops(cfg):
-    """Model FLOPs of one pre-training image, counted analytically.
-
-    A linear layer of a token costs 2·in·out FLOPs; attention costs 4·n·D per token (QKᵀ and
-    AV); a block on n tokens costs n·(24·D² + 4·n·D) (qkv 3D², proj D², MLP 8D², times 2).
-    Backward costs twice the forward of what gets gradients. The attentive pass is one forward
-    over all N patches. Norms, softmax and GELU are left out: they are not matmuls.
-    """
+    """Model FLOPs of one pre-training image, counted analytically (matmuls only): per token
+    2·in·out for a linear layer, 4·n·D for attention (QKᵀ, AV), so a block on n tokens
+    costs n·(24·D² + 4·n·D) (qkv 3D², proj D², MLP 8D², times 2). Backward is twice the
+    forward of what gets gradients; the attentive pass is one forward of all N patches."""
     D, Dd, N = cfg["dim"], cfg["decoder_dim"], (cfg["img_size"] // cfg["patch_size"]) ** 2
     n = int(N * (1 - cfg["mask_ratio"])) + 1  # + [CLS]
     patch_in = 3 * cfg["patch_size"] ** 2
@@ -2739,11 +2472,6 @@ def droppos_flops(cfg):
     decoder = 2 * n * D * Dd + cfg["decoder_depth"] * block(n, Dd) + 2 * (n - 1) * Dd * N
     attentive = cfg["depth"] * block(N + 1, D) + 2 * N * patch_in * D
     return 3 * (encoder + decoder) + (attentive if cfg["attentive"] else 0)
-
-
-def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
 def benchmark(args):
@@ -2761,63 +2489,83 @@ def benchmark(args):
     def step(x):
         with autocast(proc):
             loss = net(x, 0.5).loss
-        optimizer_step(model, optimizer, loss, args.clip_grad, per_parameter_clip(args.recipe, "pretrain"))
+        optimizer_step(model, optimizer, loss, args.clip_grad,
+                       per_parameter_clip(args.recipe, "pretrain"))
 
-    rss_before_mb = rss_mb()
+    statm = Path("/proc/self/statm").read_text().split()  # pages resident before the first step
+    rss_before_mb = int(statm[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
     for _ in range(args.bench_warmup):
         step(imgs)
-    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(args.bench_steps):
-        t = time.perf_counter()
+        t = clock(device)
         step(imgs)
-        sync(device)
-        times.append(time.perf_counter() - t)
+        times.append(clock(device) - t)
     step_s = sorted(times)[len(times) // 2]
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    else:  # growth of the process's peak resident memory over what it held before the first step
-        # (model, inputs, libraries): activations, gradients and optimiser state. Measured from
-        # before warm-up because freed activations stay resident afterwards.
+    else:  # growth of peak resident memory over the model, inputs and libraries: activations,
+        # gradients and optimiser state. From before warm-up: freed activations stay resident.
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before_mb
-    gflops = droppos_flops(cfg) / 1e9
+    ips, gflops = args.batch_size / step_s, droppos_flops(cfg) / 1e9
     peaks = {p: matmul_flops(device, torch.float32 if p == "fp32" else torch.bfloat16) / 1e9
              for p in ("fp32", "bf16")}
-    ips = args.batch_size / step_s
-    result = {"device": str(device), "precision": proc.precision, "batch_size": args.batch_size,
-              "model": {k: cfg[k] for k in ("img_size", "patch_size", "dim", "depth", "heads", "decoder_dim",
-                                            "decoder_depth", "decoder_heads")},
-              "images_per_sec": round(ips, 1), "step_ms": round(1000 * step_s, 1),
-              "peak_memory_mb": round(peak_mb, 1), "gflops_per_image": round(gflops, 3),
-              "achieved_gflops": round(ips * gflops, 1),
-              "peak_gflops_fp32": round(peaks["fp32"], 1), "peak_gflops_bf16": round(peaks["bf16"], 1),
-              "utilization": round(ips * gflops / peaks[proc.precision], 3), "threads": torch.get_num_threads()}
+    result = dict(device=str(device), precision=proc.precision, batch_size=args.batch_size,
+                  model={k: cfg[k] for k in ("img_size", "patch_size", *PRESETS[args.model])},
+                  images_per_sec=round(ips, 1), step_ms=round(1000 * step_s, 1),
+                  peak_memory_mb=round(peak_mb, 1), gflops_per_image=round(gflops, 3),
+                  achieved_gflops=round(ips * gflops, 1), peak_gflops_fp32=round(peaks["fp32"], 1),
+                  peak_gflops_bf16=round(peaks["bf16"], 1),
+                  utilization=round(ips * gflops / peaks[proc.precision], 3),
+                  threads=torch.get_num_threads())
     try:
-        with_data = bench_with_data(args, step, proc)
-        result["images_per_sec_with_data"] = None if with_data is None else round(with_data, 1)
+        result["images_per_sec_with_data"] = bench_with_data(args, step, proc)
     except UserError as e:
         result["images_per_sec_with_data"], result["data_error"] = None, str(e)
     print(json.dumps(result), flush=True)
 
 
 def bench_with_data(args, step, proc):
-    """Images/s of the same step fed by the training stream (load, augment, move to the device).
-    None when the stream ran out before a step could be timed."""
-    stream = Data(args, proc).stream
+    """Images/s of the same step fed by the training stream (load, augment, move to the device),
+    rounded; None when the stream ran out before a step could be timed."""
     n, t = 0, None
-    for i, (imgs, _) in stream.epoch(0):
+    for i, (imgs, _) in Data(args, proc).stream.epoch(0):
         if i == args.bench_warmup + args.bench_steps:
             break
         if i == args.bench_warmup:
-            sync(proc.device)
-            t = time.perf_counter()
+            t = clock(proc.device)
         step(imgs)
-        if t is not None:
-            n += imgs.shape[0]
-    sync(proc.device)
-    return n / (time.perf_counter() - t) if t and n else None
+        n += 0 if t is None else len(imgs)
+    return round(n / (clock(proc.device) - t), 1) if n else None
+
+
+# ============================================================================================
+# 15. The command, start to end
+# ============================================================================================
+
+
+def main(argv=None):
+    """What the command asks for: train, evaluate or benchmark. Bad input is one line, exit 2."""
+    WARNINGS.clear()
+    try:
+        args = parse_args(argv)
+        if args.benchmark:
+            return benchmark(args)
+        with FolderLock(args):  # one live run per folder
+            (evaluate if args.evaluate else train)(args)
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")  # one write: torchrun's processes' lines stay whole
+        sys.stderr.flush()
+        raise SystemExit(2)
+    except KeyboardInterrupt:  # Ctrl-C before the loop has taken over the signal: nothing saved
+        sys.stderr.write("\ninterrupted before training started; nothing was saved\n")
+        raise SystemExit(128 + signal.SIGINT)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
 
 if __name__ == "__main__":
     try:
