@@ -30,7 +30,6 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -865,9 +864,8 @@ def build_parser():
     add("--classes", "keep only the first K classes (default: all)", type=COUNT)
     add("--per-class", "keep at most M training images per class (default: all)", type=COUNT)
     add("--synthetic-size", "synthetic: number of training images", type=COUNT, default=2048)
-    add("--workers", "loader processes for photos (default: 0 on a CPU, where they would compete "
-        "with the training step for the cores; 8 on a GPU). CIFAR-size sets are held in memory "
-        "and use none", type=NATURAL, free=True)
+    add("--workers", "loader processes for photos (default: 0 on a CPU, where they would slow "
+        "the step; 8 on a GPU); CIFAR-size sets are held in memory", type=NATURAL, free=True)
 
     add = group("model")
     add("--model", "encoder and decoder preset", default="tiny", choices=sorted(PRESETS))
@@ -897,11 +895,9 @@ def build_parser():
         choices=["sincos", "learnable"], shape=True)
 
     add = group("optimisation")
-    add("--recipe", "laptop: defaults for small runs on a CPU budget. paper: the official DropPos "
-        "pre-training (its defaults below, the ViT-B decoder at any size, each gradient clipped "
-        "on its own, [CLS] and [MASK] tokens decayed) and MAE's fine-tuning as DropPos runs it "
-        "(RandAugment and RandomErasing, a head that pools without the encoder's final norm, "
-        "224/256 evaluation crop). Flags you type win over either", default="laptop",
+    add("--recipe", "laptop: defaults for small runs on a CPU budget. paper: the official "
+        "DropPos pre-training and MAE's fine-tuning as DropPos runs it (every value and switch: "
+        "RECIPES in train.py). Flags you type win over either", default="laptop",
         choices=sorted(RECIPES))
     add("--epochs", "length of the run", TRAINS, type=COUNT, default=100)
     add("--batch-size", "images per step and process", type=COUNT, default=64)
@@ -915,8 +911,8 @@ def build_parser():
     add("--seed", "seeds data order, augmentation, masking, init", type=int, default=0)
 
     add = group("fine-tuning")
-    add("--finetune", "train a classifier on the encoder of a pre-training run (its checkpoint.pt "
-        "or encoder.pt), or on a random one ('scratch')", metavar="CHECKPOINT|scratch")
+    add("--finetune", "train a classifier on a checkpoint's encoder (see below), or on a random "
+        "one ('scratch')", metavar="CHECKPOINT|scratch")
     add("--layer-decay", "layer-wise lr decay", {"finetune"},
         type=number(float, 0, 1, low_in=False, high_in=True), default=0.75)
     add("--drop-path", "stochastic depth of the last block", {"finetune"}, type=SHARE,
@@ -1558,13 +1554,8 @@ class RunFolder:
         if ck["n_train"] != len(self.data.train):
             raise UserError(f"the run in {here!r} trained on {ck['n_train']} images, but "
                             f"{len(self.data.train)} are there now; check --data-dir")
-        for name, obj in self.objects.items():
-            try:
-                obj.load_state_dict(ck.get(name, {}))  # "task": absent from older versions
-            except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
-                detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
-                raise UserError(f"checkpoint {str(path)!r}: the {name} state does not match: "
-                                f"{detail}") from None
+        for name, obj in self.objects.items():  # "task" is absent from older versions
+            load_state(obj, ck.get(name, {}), f"the {name} state in checkpoint {str(path)!r}")
         self.epoch, self.step, self.rows = ck["epoch"], ck["step_in_epoch"], ck["metrics_rows"]
         self.elapsed_before = ck.get("elapsed_s", 0.0)  # absent from older versions
         mine = ck["ranks"][self.proc.rank]
@@ -1725,9 +1716,7 @@ def wrap_model(model, args, proc):
 
 
 def autocast(proc):
-    if proc.precision == "bf16":
-        return torch.autocast(proc.device.type, dtype=torch.bfloat16)
-    return nullcontext()
+    return torch.autocast(proc.device.type, torch.bfloat16, enabled=proc.precision == "bf16")
 
 
 def agree(flag, proc):
