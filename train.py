@@ -895,10 +895,12 @@ def build_parser():
         choices=["sincos", "learnable"], shape=True)
 
     add = group("optimisation")
-    add("--recipe", "laptop: defaults for small runs on a CPU budget. paper: the official "
-        "DropPos pre-training and MAE's fine-tuning as DropPos runs it (every value and switch: "
-        "RECIPES in train.py). Flags you type win over either", default="laptop",
-        choices=sorted(RECIPES))
+    add("--recipe", "laptop: defaults for small runs on a CPU budget. paper: the official DropPos "
+        "pre-training (its defaults below, the ViT-B decoder at any size, each gradient clipped "
+        "on its own, [CLS] and [MASK] tokens decayed) and MAE's fine-tuning as DropPos runs it "
+        "(RandAugment and RandomErasing, a head that pools without the encoder's final norm); "
+        "224/256 evaluation crop in every mode. Flags you type win over either",
+        default="laptop", choices=sorted(RECIPES))
     add("--epochs", "length of the run", TRAINS, type=COUNT, default=100)
     add("--batch-size", "images per step and process", type=COUNT, default=64)
     add("--blr", "base lr; lr = blr × total batch / 256 (default: 2e-3 for pre-training, 1e-3 "
@@ -908,7 +910,8 @@ def build_parser():
     add("--weight-decay", "AdamW weight decay", TRAINS, type=NONNEGATIVE, default=0.05)
     add("--clip-grad", "gradient-norm clipping (0 = none); --recipe paper pre-training clips each "
         "parameter's gradient to this norm on its own", TRAINS, type=NONNEGATIVE, default=5.0)
-    add("--seed", "seeds data order, augmentation, masking, init", type=int, default=0)
+    add("--seed", "seeds data order, augmentation, masking, init",
+        type=number(int, -2 ** 63, 2 ** 63 - 100, high_in=True), default=0)  # torch's seed range
 
     add = group("fine-tuning")
     add("--finetune", "train a classifier on a checkpoint's encoder (see below), or on a random "
@@ -1629,7 +1632,10 @@ class RunFolder:
     def finish_complete_run(self):
         """Resuming a finished run: check what it left, rewrite what is missing or unreadable."""
         rewritten = self.task.write_outputs(self.folder, only_broken=True)
-        self.open_log(0)  # cuts metrics.jsonl back to the rows the final checkpoint had seen
+        log = self.open_log(0)  # cuts metrics.jsonl back to the rows the final checkpoint had seen
+        if self.proc.rank == 0 and not readable_png(self.folder / "curves.png"):
+            log.draw_curves(self.task.chance())
+            rewritten.append("curves.png")
         n = self.args.epochs
         self.say(f"the run in {self.folder} is complete ({n} epoch{'s' * (n > 1)})"
                  + (f"; rewrote {', '.join(rewritten)}" if rewritten else "; its files are intact"))
