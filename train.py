@@ -173,8 +173,8 @@ class Pretraining(Task):
         """Each epoch, the position head on the held-out images (top-1, within one cell,
         distance); k-NN top-1 every --knn-every epochs and at the end."""
         results, self.beliefs = head_positions(self.model, self.data, self.args, self.proc)
-        every, last = max(self.args.knn_every, 1), epochs_done == self.args.epochs
-        if self.args.knn_every and epochs_done and (last or epochs_done % every == 0):
+        n, every = epochs_done, self.args.knn_every
+        if every and n and (n == self.args.epochs or n % every == 0):
             results["knn_top1"] = run_knn(self.model.encoder, self.data, self.args, self.proc)
         return results
 
@@ -911,7 +911,7 @@ def build_parser():
     add("--clip-grad", "gradient-norm clipping (0 = none); --recipe paper pre-training clips each "
         "parameter's gradient to this norm on its own", TRAINS, type=NONNEGATIVE, default=5.0)
     add("--seed", "seeds data order, augmentation, masking, init",
-        type=number(int, -2 ** 63, 2 ** 63 - 100, high_in=True), default=0)  # torch's seed range
+        type=number(int, -2 ** 63, 2 ** 64 - 2 ** 10), default=0)  # torch's range, room for + rank
 
     add = group("fine-tuning")
     add("--finetune", "train a classifier on a checkpoint's encoder (see below), or on a random "
@@ -1596,10 +1596,11 @@ class RunFolder:
         """checkpoint.pt for (completed epochs, steps into the next); every process takes part."""
         rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        ranks = [{"rng": rng, "sums": list(self.log.epoch_sums)}]
+        mine = {"rng": rng, "sums": list(self.log.epoch_sums)}
+        ranks = [mine]
         if self.proc.world > 1:
             ranks = [None] * self.proc.world
-            dist.all_gather_object(ranks, {"rng": rng, "sums": list(self.log.epoch_sums)})
+            dist.all_gather_object(ranks, mine)
         failed = None
         if self.proc.rank == 0:
             self.log.sync()
