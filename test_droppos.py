@@ -1788,6 +1788,14 @@ def test_a_bad_data_folder_is_one_line(tmp_path, capsys):
     assert "fewer than one batch" in _fails(base + ["--data-dir", tmp_path / "photos", "--batch-size", "1000"], capsys)
 
 
+def test_a_val_dir_with_a_class_the_training_set_lacks_is_one_line_naming_it(tmp_path, capsys):
+    _image_folder(tmp_path / "train", 32, per_class=2)
+    _image_folder(tmp_path / "val", 32, per_class=2, classes=("cat", "dog", "eel"))
+    line = _fails(["--dataset", "imagefolder", "--data-dir", tmp_path / "train", "--val-dir", tmp_path / "val",
+                   "--output-dir", tmp_path / "out"], capsys)
+    assert "hold different classes: 'eel'" in line
+
+
 def test_sizes_the_patch_size_does_not_divide_and_impossible_ratios_are_one_line(tmp_path, capsys):
     out = ["--output-dir", tmp_path / "out", "--epochs", "1"]
     for extra, phrase in [(["--patch-size", "5"], "multiple of patch_size"),
@@ -2265,6 +2273,15 @@ BAD_FLAGS = [
     (["--evaluate", "x.pt", "--epochs", "3"], "--epochs does not apply with --evaluate"),
     (["--linear-probe", "random", "--pos-mask-ratio", "0.5"], "--pos-mask-ratio does not apply with --linear-probe"),
     (["--location-probe", "random", "--linear-probe", "random"], "does not apply with --location-probe"),
+    (["--resume", ""], "--resume must name a file or folder, got ''"),
+    (["--evaluate", " "], "--evaluate must name a file or folder, got ' '"),
+    (["--dataset", "imagefolder", "--data-dir", ""], "--data-dir must name a file or folder"),
+    (["--dataset", "synthetic", "--data-dir", "x"], "--data-dir applies only with --dataset cifar10 or"),
+    (["--val-dir", "x"], "--val-dir applies only with --dataset imagefolder"),
+    (["--synthetic-size", "5"], "--synthetic-size applies only with --dataset synthetic"),
+    (["--benchmark", "--epochs", "3"], "--epochs does not apply with --benchmark"),
+    (["--benchmark", "--knn-every", "2"], "--knn-every does not apply with --benchmark"),
+    (["--benchmark"], "--output-dir does not apply with --benchmark"),  # the test adds --output-dir
 ]
 
 
@@ -2273,6 +2290,11 @@ def test_a_bad_flag_is_one_error_line_and_exit_2_before_anything_runs(argv, phra
     line = _fails(argv + ["--output-dir", tmp_path / "out"], capsys)
     assert phrase in line
     assert not (tmp_path / "out").exists()
+
+
+def test_running_out_of_memory_is_one_error_line(tmp_path, capsys):
+    line = _fails(SYNTH + ["--dim", str(10 ** 12), "--heads", "1", "--output-dir", tmp_path / "out"], capsys)
+    assert line.startswith("error: out of memory") and "lower --batch-size" in line
 
 
 def test_default_folders_differ_for_pretraining_scratch_and_each_checkpoint(tmp_path):
@@ -2519,6 +2541,42 @@ def _foreign_layouts(ck_path, tmp_path):
 
 
 HEADS = ["--heads", "2"]  # what the tensors of a file without flags or arch name cannot tell
+
+
+@slow
+def test_a_run_folder_stands_for_its_checkpoint_and_a_folder_without_one_is_one_line(pretrained_run, tmp_path,
+                                                                                     capsys):
+    ref_dir, _ = pretrained_run
+    for mode in ("--finetune", "--evaluate", "--location-probe", "--linear-probe"):
+        assert vars(train.parse_args(ENCODER_TINY[:-2] + [mode, str(ref_dir)]))[mode[2:].replace("-", "_")] == \
+            str(ref_dir / "checkpoint.pt")
+    line = _fails(ENCODER_TINY[:-2] + ["--evaluate", tmp_path, "--output-dir", tmp_path / "out"], capsys)
+    assert "is a folder without checkpoint.pt" in line
+
+
+@slow
+def test_a_probe_runs_checkpoint_is_read_with_its_flags_like_any_train_py_checkpoint(pretrained_run, tmp_path):
+    ref_dir, _ = pretrained_run
+    _train_in_process(ENCODER_TINY + ["--linear-probe", ref_dir, "--epochs", 1, "--output-dir", tmp_path / "lp"])
+    imp = train.imported(tmp_path / "lp" / "checkpoint.pt")
+    assert imp.source == "train.py checkpoint" and imp.mode == "linear_probe"
+    args = train.parse_args(ENCODER_TINY + ["--finetune", str(tmp_path / "lp")])  # no --heads needed
+    assert (args.dim, args.depth, args.heads) == (32, 2, 2)
+
+
+@slow
+def test_evaluate_crops_as_the_checkpoints_recipe_did_unless_told_otherwise(paper_runs):
+    _, fine = paper_runs
+    args = train.parse_args(["--evaluate", str(fine), "--dataset", "synthetic"])
+    assert args.recipe == "paper" and train.eval_crop_pct(args) == 224 / 256
+    typed = train.parse_args(["--evaluate", str(fine), "--dataset", "synthetic", "--recipe", "laptop"])
+    assert train.eval_crop_pct(typed) == 1.0
+
+
+def test_a_resumed_run_whose_source_checkpoint_moved_still_names_it(tmp_path):
+    args = argparse.Namespace(finetune=str(tmp_path / "gone.pt"), resume=str(tmp_path / "run"), benchmark=False,
+                              evaluate=None, location_probe=None, linear_probe=None)
+    assert train.source_line(args) == f" from {tmp_path / 'gone.pt'} (since moved or deleted)"
 EVAL_TINY = ENCODER_TINY[:-2]  # --log-every is training's
 
 
@@ -2749,6 +2807,15 @@ def test_resuming_a_finished_run_rewrites_missing_or_unreadable_outputs(run_copy
     assert "its files are intact" in _train_in_process(["--resume", run_copy])
 
 
+@slow
+def test_a_run_that_lost_its_metrics_file_says_so_on_resume_and_still_draws_its_curves(run_copy, capsys):
+    (run_copy / "metrics.jsonl").unlink()
+    (run_copy / "curves.png").unlink()
+    assert "rewrote curves.png" in _train_in_process(["--resume", run_copy])
+    assert "metrics.jsonl' has lost" in capsys.readouterr().err
+    assert Image.open(run_copy / "curves.png").format == "PNG"
+
+
 def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(b"the last good one")
@@ -2899,8 +2966,9 @@ def test_per_image_augmentation_leaves_the_global_cpu_and_cuda_rngs_untouched():
 
 @slow
 def test_benchmark_prints_one_json_line_with_throughput_memory_flops_and_utilization(tmp_path):
-    stdout = _train_in_process(TRAIN_TINY + ["--benchmark", "--bench-steps", 2, "--bench-warmup", 1,
-                                             "--output-dir", tmp_path])
+    i = TRAIN_TINY.index("--knn-every")  # it and --log-every are a run's flags, refused here
+    bench_tiny = TRAIN_TINY[:i] + TRAIN_TINY[i + 2:-2]
+    stdout = _train_in_process(bench_tiny + ["--benchmark", "--bench-steps", 2, "--bench-warmup", 1])
     lines = stdout.strip().splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])

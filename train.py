@@ -763,7 +763,8 @@ DATASETS = {"cifar10": 32, "cifar100": 32, "imagefolder": 224, "synthetic": 32} 
 # What a command does: the flag that chose it (at most one), else pre-training.
 MODES = ("benchmark", "evaluate", "finetune", "location_probe", "linear_probe")
 PRETRAIN = {"pretrain", "benchmark"}  # --benchmark times pre-training steps
-TRAINS = PRETRAIN | {"finetune", "location_probe", "linear_probe"}
+TRAINS = {"pretrain", "finetune", "location_probe", "linear_probe"}  # the modes with a run
+STEPS = TRAINS | {"benchmark"}  # the modes that take optimiser steps
 
 # --recipe: per mode, the defaults of the flags the user did not type, and switches that no flag
 # sets (read by `switch`). laptop's are tuned for short CPU runs. paper's pre-training is the
@@ -814,6 +815,19 @@ def number(kind, low, high=math.inf, low_in=True, high_in=False):
     return parse
 
 
+def path(text):
+    """An argparse type for a path: '' would be the current folder, never what is meant."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must name a file or folder, got {text!r}")
+    return text
+
+
+def checkpoint(text):
+    """An argparse type for a checkpoint flag: a file, or a run's folder for its checkpoint.pt."""
+    inside = Path(path(text), "checkpoint.pt")
+    return str(inside) if text not in ("scratch", "random") and inside.is_file() else text
+
+
 COUNT, NATURAL = number(int, 1), number(int, 0)
 SHARE, POSITIVE, NONNEGATIVE = number(float, 0, 1), number(float, 0, low_in=False), number(float, 0)
 
@@ -849,21 +863,25 @@ def build_parser():
     def group(title):
         g = p.add_argument_group(title)
 
-        def add(name, help, applies=None, free=False, shape=False, **kw):
+        def add(name, help, applies=None, free=False, shape=False, datasets=None, **kw):
             action = g.add_argument(name, help=help, **kw)
             action.applies, action.free, action.shape = applies, free, shape
+            action.datasets = datasets  # the --dataset values it applies to (None: every one)
         return add
 
     add = group("data")
     add("--dataset", "what to train on; synthetic needs no download", default="cifar10",
         choices=list(DATASETS))
     add("--data-dir", "where CIFAR is downloaded to; for imagefolder, the ImageFolder tree (one "
-        "sub-folder per class) of training images", default="data", free=True)
+        "sub-folder per class) of training images", default="data", free=True, type=path,
+        datasets=("cifar10", "cifar100", "imagefolder"))
     add("--val-dir", "imagefolder: a held-out ImageFolder tree for k-NN and fine-tuning top-1 "
-        "(default: every 10th training image is held out)", free=True)
+        "(default: every 10th training image is held out)", free=True, type=path,
+        datasets=("imagefolder",))
     add("--classes", "keep only the first K classes (default: all)", type=COUNT)
     add("--per-class", "keep at most M training images per class (default: all)", type=COUNT)
-    add("--synthetic-size", "synthetic: number of training images", type=COUNT, default=2048)
+    add("--synthetic-size", "synthetic: number of training images", type=COUNT, default=2048,
+        datasets=("synthetic",))
     add("--workers", "loader processes for photos (default: 0 on a CPU, where they would slow "
         "the step; 8 on a GPU); CIFAR-size sets are held in memory", type=NATURAL, free=True)
 
@@ -907,15 +925,15 @@ def build_parser():
         "for fine-tuning, 1e-2 for the probes)", TRAINS, type=POSITIVE)
     add("--min-lr", "lr at the end of the cosine", TRAINS, type=NONNEGATIVE, default=0.0)
     add("--warmup-epochs", "linear lr warm-up", TRAINS, type=NONNEGATIVE, default=1.0)
-    add("--weight-decay", "AdamW weight decay", TRAINS, type=NONNEGATIVE, default=0.05)
+    add("--weight-decay", "AdamW weight decay", STEPS, type=NONNEGATIVE, default=0.05)
     add("--clip-grad", "gradient-norm clipping (0 = none); --recipe paper pre-training clips each "
-        "parameter's gradient to this norm on its own", TRAINS, type=NONNEGATIVE, default=5.0)
+        "parameter's gradient to this norm on its own", STEPS, type=NONNEGATIVE, default=5.0)
     add("--seed", "seeds data order, augmentation, masking, init",
         type=number(int, -2 ** 63, 2 ** 64 - 2 ** 10), default=0)  # torch's range, room for + rank
 
     add = group("fine-tuning")
     add("--finetune", "train a classifier on a checkpoint's encoder (see below), or on a random "
-        "one ('scratch')", metavar="CHECKPOINT|scratch")
+        "one ('scratch')", metavar="CHECKPOINT|scratch", type=checkpoint)
     add("--layer-decay", "layer-wise lr decay", {"finetune"},
         type=number(float, 0, 1, low_in=False, high_in=True), default=0.75)
     add("--drop-path", "stochastic depth of the last block", {"finetune"}, type=SHARE,
@@ -928,21 +946,21 @@ def build_parser():
                 "MAE's, timm's)")
     add("--evaluate", "train nothing: position top-1, within one cell and distance on the "
         "held-out images (with a position head), k-NN, test top-1 (a fine-tuning checkpoint), the "
-        "picture; evaluation.json and one JSON line", metavar="CHECKPOINT")
+        "picture; evaluation.json and one JSON line", metavar="CHECKPOINT", type=checkpoint)
     add("--location-probe", "the paper's location probe: a frozen encoder, every patch visible, "
         "the position embeddings of --pos-mask-ratio of them replaced by one learned vector, "
-        "linear heads predicting positions", metavar="CHECKPOINT|random")
+        "linear heads predicting positions", metavar="CHECKPOINT|random", type=checkpoint)
     add("--linear-probe", "MAE's linear probe: a frozen encoder, BatchNorm without affine "
-        "parameters and a linear classifier", metavar="CHECKPOINT|random")
+        "parameters and a linear classifier", metavar="CHECKPOINT|random", type=checkpoint)
 
     add = group("output and evaluation")
     add("--output-dir", "the run's folder (default: runs/<dataset>-pretrain, "
         "runs/<dataset>-scratch "
         "or runs/<pre-training run>-finetune, then -paper for --recipe paper and -seedN for seed "
-        "N > 0)", free=True)
+        "N > 0)", TRAINS | {"evaluate"}, free=True, type=path)
     add("--resume", "continue the run in FOLDER exactly where it stopped, with the flags it was "
-        "started with", metavar="FOLDER|CHECKPOINT", free=True)
-    add("--knn-every", "k-NN monitor every N epochs and at the end (0 = off)", PRETRAIN,
+        "started with", metavar="FOLDER|CHECKPOINT", free=True, type=path)
+    add("--knn-every", "k-NN monitor every N epochs and at the end (0 = off)", {"pretrain"},
         type=NATURAL, default=10, free=True)
     add("--knn-k", "neighbours of the k-NN monitor", {"pretrain", "evaluate"}, type=COUNT,
         default=20, free=True)
@@ -956,7 +974,7 @@ def build_parser():
         free=True)
     add("--precision", "auto: bf16 autocast on a GPU, and on a CPU whose bf16 matmuls beat fp32 "
         "ones", default="auto", choices=["auto", "bf16", "fp32"], free=True)
-    add("--compile", "torch.compile the model (minutes of start-up)", TRAINS,
+    add("--compile", "torch.compile the model (minutes of start-up)", STEPS,
         action="store_true", free=True)
 
     add = group("benchmark")
@@ -1013,6 +1031,9 @@ def check_mode_flags(args, given):
                             f"{' or '.join(flag(m) for m in MODES if m in applies)}")
         if applies and mode not in applies:
             raise UserError(f"{flag(name)} does not apply with {flag(mode)}")
+        datasets = FLAGS[name].datasets
+        if datasets and args.dataset not in datasets:
+            raise UserError(f"{flag(name)} applies only with --dataset {' or '.join(datasets)}")
     if "model" in given and source_of(args):
         raise UserError(f"--model does not apply with {flag(mode)} CHECKPOINT: the encoder's "
                         f"shape comes from the checkpoint")
@@ -1096,6 +1117,8 @@ def default_run_name(args):
 def load_checkpoint(path):
     """torch.load under weights_only: no file runs code; MAE's pickled Namespace of args passes."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{str(path)!r} is a folder without checkpoint.pt; name a checkpoint file")
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
     torch.serialization.add_safe_globals([argparse.Namespace])
@@ -1153,7 +1176,7 @@ def import_state(obj, path):
     ck = obj if isinstance(obj, dict) else {}  # anything else is refused below
     args = mode = epoch = name = None
     facts = {}
-    if isinstance(ck.get("args"), dict) and ck.get("mode") in ("pretrain", "finetune"):
+    if isinstance(ck.get("args"), dict) and ck.get("mode") in TASKS:
         source, state, args, mode = "train.py checkpoint", ck.get("model"), ck["args"], ck["mode"]
         epoch = ck.get("epoch")
     elif "state_dict" in ck:  # main_pretrain.py / main_finetune.py: epoch is already epoch + 1
@@ -1251,6 +1274,8 @@ def take_encoder_shape(args, given):
                  decoder_heads=imp.arch.get("decoder_heads"), **imp.extra)
     if imp.args:  # the parser's defaults for flags the file predates
         shape.update(model_config(build_parser().parse_args([], argparse.Namespace(**imp.args))))
+    if mode == "evaluate" and imp.args and "recipe" not in given:  # its evaluation crop
+        args.recipe = imp.args.get("recipe", "laptop")
     keys = ENCODER_SHAPE
     if mode == "evaluate" and "decoder.head.weight" in imp.model:  # the whole DropPos, as trained
         keys += ("decoder_dim", "decoder_depth", "decoder_heads", "mask_ratio", "pos_mask_ratio")
@@ -1276,6 +1301,8 @@ def source_line(args):
     path = source_of(args)
     if not path:
         return "" if mode_of(args) == "pretrain" else " from random weights"
+    if args.resume and not Path(path).is_file():  # the run's own checkpoint holds the weights
+        return f" from {path} (since moved or deleted)"
     imp = imported(path)
     total = (imp.args or {}).get("epochs")
     epoch = "" if imp.epoch is None else f", epoch {imp.epoch}" + (f" of {total}" if total else "")
@@ -1583,10 +1610,13 @@ class RunFolder:
         """The run's Logger, going on with its running sums and its metrics.jsonl, cut back to the
         rows the checkpoint saw (rows written after it are about to be redone)."""
         path, steps = self.folder / "metrics.jsonl", self.data.stream.steps
-        if self.proc.rank == 0 and path.exists():
-            lines = path.read_bytes().splitlines(keepends=True)
-            if len(lines) != self.rows:
-                atomic_write(path, lambda f: f.writelines(lines[:self.rows]))
+        lines = path.read_bytes().splitlines(keepends=True) if path.exists() else []
+        if self.proc.rank == 0 and len(lines) > self.rows:
+            atomic_write(path, lambda f: f.writelines(lines[:self.rows]))
+        if self.proc.rank == 0 and len(lines) < self.rows:  # deleted or cut by hand
+            warn(f"{str(path)!r} has lost {self.rows - len(lines)} of the {self.rows} rows its "
+                 "checkpoint saw: curves.png goes without them")
+            self.rows = len(lines)  # what the file holds: the next resume cuts back to it
         self.log = Logger(path, self.rows, self.proc, self.args.log_every,
                           steps, total_steps, self.epoch * steps + self.step, self.sums,
                           (self.task.acc_name, self.task.acc_key), self.elapsed_before)
@@ -1634,6 +1664,7 @@ class RunFolder:
         """Resuming a finished run: check what it left, rewrite what is missing or unreadable."""
         rewritten = self.task.write_outputs(self.folder, only_broken=True)
         log = self.open_log(0)  # cuts metrics.jsonl back to the rows the final checkpoint had seen
+        say_warnings()
         if self.proc.rank == 0 and not readable_png(self.folder / "curves.png"):
             log.draw_curves(self.task.chance())
             rewritten.append("curves.png")
@@ -1812,7 +1843,7 @@ class SyntheticImages(Dataset):
 
 
 def load_imagefolder(args):
-    """--data-dir and, if given, --val-dir as ImageFolders, their first classes checked to agree."""
+    """--data-dir and, if given, --val-dir as ImageFolders, their kept classes checked to agree."""
     def folder(path, option):
         if not Path(path).is_dir():
             raise UserError(f"{option} folder {str(path)!r} does not exist")
@@ -1826,10 +1857,11 @@ def load_imagefolder(args):
     if not args.val_dir:
         return train, None
     val = folder(args.val_dir, "--val-dir")
-    n = args.classes or len(train.classes)
-    if val.classes[:n] != train.classes[:n]:
-        raise UserError(f"--val-dir classes {val.classes[:5]}... differ from --data-dir classes "
-                        f"{train.classes[:5]}...")
+    n = args.classes or max(len(train.classes), len(val.classes))  # the kept ones, all of them
+    only_one = sorted(set(val.classes[:n]) ^ set(train.classes[:n]))  # the same set: same order
+    if only_one:
+        raise UserError(f"--val-dir and --data-dir hold different classes: {only_one[0]!r} is in "
+                        f"one only ({len(only_one)} such)")
     return train, val
 
 
@@ -2394,7 +2426,8 @@ class Logger:
         """curves.png from metrics.jsonl: a run's learning curves, redrawn after every epoch."""
         if self.proc.rank == 0:
             self.sync()
-            rows = [json.loads(line) for line in self.path.read_text().splitlines()]
+            text = self.path.read_text() if self.path.exists() else ""  # a run can lose it
+            rows = [json.loads(line) for line in text.splitlines()]
             picture = draw_curves(rows, chance)
             atomic_write(self.path.with_name("curves.png"), lambda f: picture.save(f, format="PNG"))
 
@@ -2481,10 +2514,11 @@ def benchmark(args):
     optimizer = make_optimizer(groups, (0.9, 0.95), device)
     net = wrap_model(model, args, proc)
     imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    sigma = sigma_at(args.sigma, 0.5, decay=not args.no_sigma_decay)  # half-way through a run
 
     def step(x):
         with autocast(proc):
-            loss = net(x, 0.5).loss
+            loss = net(x, sigma).loss
         optimizer_step(model, optimizer, loss, args.clip_grad,
                        per_parameter_clip(args.recipe, "pretrain"))
 
@@ -2520,6 +2554,7 @@ def benchmark(args):
         result["images_per_sec_with_data"] = bench_with_data(args, step, proc)
     except UserError as e:
         result["images_per_sec_with_data"], result["data_error"] = None, str(e)
+    say_warnings()  # on stderr: stdout is the one JSON line
     print(json.dumps(result), flush=True)
 
 
@@ -2551,7 +2586,13 @@ def main(argv=None):
             return benchmark(args)
         with FolderLock(args):  # one live run per folder
             (evaluate if args.evaluate else train)(args)
-    except UserError as e:
+    except (UserError, MemoryError, RuntimeError) as e:  # torch names CPU OOM only in its text
+        if not isinstance(e, (UserError, MemoryError, torch.OutOfMemoryError)) \
+                and "can't allocate memory" not in str(e):
+            raise
+        if not isinstance(e, UserError):
+            e = (f"out of memory ({str(e).splitlines()[0][-120:]}); lower --batch-size or the "
+                 f"model's size. A checkpoint.pt written before, if any, is intact")
         sys.stderr.write(f"error: {e}\n")  # one write: torchrun's processes' lines stay whole
         sys.stderr.flush()
         raise SystemExit(2)
