@@ -2273,6 +2273,7 @@ BAD_FLAGS = [
     (["--evaluate", "x.pt", "--epochs", "3"], "--epochs does not apply with --evaluate"),
     (["--linear-probe", "random", "--pos-mask-ratio", "0.5"], "--pos-mask-ratio does not apply with --linear-probe"),
     (["--location-probe", "random", "--linear-probe", "random"], "does not apply with --location-probe"),
+    (["--evaluate", "random"], "--evaluate scores a checkpoint, not 'random'"),
     (["--resume", ""], "--resume must name a file or folder, got ''"),
     (["--evaluate", " "], "--evaluate must name a file or folder, got ' '"),
     (["--dataset", "imagefolder", "--data-dir", ""], "--data-dir must name a file or folder"),

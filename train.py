@@ -1034,6 +1034,9 @@ def check_mode_flags(args, given):
         datasets = FLAGS[name].datasets
         if datasets and args.dataset not in datasets:
             raise UserError(f"{flag(name)} applies only with --dataset {' or '.join(datasets)}")
+    if mode == "evaluate" and not source_of(args):
+        raise UserError(f"--evaluate scores a checkpoint, not {args.evaluate!r}; random weights are "
+                        "scored by --location-probe random and --linear-probe random")
     if "model" in given and source_of(args):
         raise UserError(f"--model does not apply with {flag(mode)} CHECKPOINT: the encoder's "
                         f"shape comes from the checkpoint")
