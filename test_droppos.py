@@ -2273,7 +2273,8 @@ BAD_FLAGS = [
     (["--evaluate", "x.pt", "--epochs", "3"], "--epochs does not apply with --evaluate"),
     (["--linear-probe", "random", "--pos-mask-ratio", "0.5"], "--pos-mask-ratio does not apply with --linear-probe"),
     (["--location-probe", "random", "--linear-probe", "random"], "does not apply with --location-probe"),
-    (["--evaluate", "random"], "--evaluate scores a checkpoint, not 'random'"),
+    (["--evaluate", "random"], "--evaluate scores a checkpoint, not 'random' (a folder of that name: ./random)"),
+    (["--dim", str(2 ** 31)], "--dim must be < 2147483648, got 2147483648"),
     (["--resume", ""], "--resume must name a file or folder, got ''"),
     (["--evaluate", " "], "--evaluate must name a file or folder, got ' '"),
     (["--dataset", "imagefolder", "--data-dir", ""], "--data-dir must name a file or folder"),
@@ -2294,7 +2295,7 @@ def test_a_bad_flag_is_one_error_line_and_exit_2_before_anything_runs(argv, phra
 
 
 def test_running_out_of_memory_is_one_error_line(tmp_path, capsys):
-    line = _fails(SYNTH + ["--dim", str(10 ** 12), "--heads", "1", "--output-dir", tmp_path / "out"], capsys)
+    line = _fails(SYNTH + ["--img-size", "4000000", "--output-dir", tmp_path / "out"], capsys)  # 8 TB
     assert line.startswith("error: out of memory") and "lower --batch-size" in line
 
 
@@ -2577,7 +2578,9 @@ def test_evaluate_crops_as_the_checkpoints_recipe_did_unless_told_otherwise(pape
 def test_a_resumed_run_whose_source_checkpoint_moved_still_names_it(tmp_path):
     args = argparse.Namespace(finetune=str(tmp_path / "gone.pt"), resume=str(tmp_path / "run"), benchmark=False,
                               evaluate=None, location_probe=None, linear_probe=None)
-    assert train.source_line(args) == f" from {tmp_path / 'gone.pt'} (since moved or deleted)"
+    assert train.source_line(args) == f" from {tmp_path / 'gone.pt'}"  # not read: it may be gone
+
+
 EVAL_TINY = ENCODER_TINY[:-2]  # --log-every is training's
 
 
@@ -2806,6 +2809,29 @@ def test_resuming_a_finished_run_rewrites_missing_or_unreadable_outputs(run_copy
     assert Image.open(run_copy / "reassembly.png").format == "PNG"
     assert (run_copy / "metrics.jsonl").read_text() == rows
     assert "its files are intact" in _train_in_process(["--resume", run_copy])
+
+
+@slow
+def test_rows_deleted_by_hand_stay_deleted_and_no_row_repeats_over_two_more_sittings(pretrained_run, tmp_path):
+    ref_dir, _ = pretrained_run
+    proc, out_dir = _start_and_reach_second_epoch(tmp_path)
+    proc.kill()
+    proc.wait()
+    metrics = out_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(lines[3:]) + lines[3][:10])  # 3 rows gone, half a row at the end
+    spe = torch.load(out_dir / "checkpoint.pt", weights_only=True)["metrics_rows"] - 1  # rows of epoch 1
+    proc = _start_train(["--resume", out_dir], tmp_path)
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    while proc.poll() is None and time.monotonic() < deadline:  # killed again in epoch 2, mid-way
+        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.endswith("}")]
+        if any(r.get("step", 0) >= spe + 6 for r in rows):
+            break
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    _train_in_process(["--resume", out_dir])
+    assert _learned_rows(metrics) == _learned_rows(ref_dir / "metrics.jsonl")[3:]
 
 
 @slow

@@ -28,6 +28,7 @@ import resource
 import shutil
 import signal
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -829,6 +830,15 @@ def checkpoint(text):
 
 
 COUNT, NATURAL = number(int, 1), number(int, 0)
+
+
+def SIZE(text):  # a COUNT that can be a tensor's side: torch fails on larger ones with a TypeError
+    if COUNT(text) >= 2 ** 31:
+        raise argparse.ArgumentTypeError(f"must be < 2147483648, got {text}")
+    return int(text)
+
+
+SIZE.__name__ = "int"
 SHARE, POSITIVE, NONNEGATIVE = number(float, 0, 1), number(float, 0, low_in=False), number(float, 0)
 
 
@@ -876,8 +886,8 @@ def build_parser():
         "sub-folder per class) of training images", default="data", free=True, type=path,
         datasets=("cifar10", "cifar100", "imagefolder"))
     add("--val-dir", "imagefolder: a held-out ImageFolder tree for k-NN and fine-tuning top-1 "
-        "(default: every 10th training image is held out)", free=True, type=path,
-        datasets=("imagefolder",))
+        "(default: every 10th training image is held out)", TRAINS | {"evaluate"}, free=True,
+        type=path, datasets=("imagefolder",))
     add("--classes", "keep only the first K classes (default: all)", type=COUNT)
     add("--per-class", "keep at most M training images per class (default: all)", type=COUNT)
     add("--synthetic-size", "synthetic: number of training images", type=COUNT, default=2048,
@@ -888,14 +898,14 @@ def build_parser():
     add = group("model")
     add("--model", "encoder and decoder preset", default="tiny", choices=sorted(PRESETS))
     add("--img-size", "training resolution (default: 32 for CIFAR and synthetic, 224 for "
-        "imagefolder)", type=COUNT, shape=True)
-    add("--patch-size", "patch size (default: 4 at 32 px, else 16)", type=COUNT, shape=True)
+        "imagefolder)", type=SIZE, shape=True)
+    add("--patch-size", "patch size (default: 4 at 32 px, else 16)", type=SIZE, shape=True)
     for name, what, applies in [("dim", "encoder width", None), ("depth", "encoder blocks", None),
                                 ("heads", "encoder heads", None),
                                 ("decoder-dim", "decoder width", PRETRAIN | {"evaluate"}),
                                 ("decoder-depth", "decoder blocks", PRETRAIN | {"evaluate"}),
                                 ("decoder-heads", "decoder heads", PRETRAIN | {"evaluate"})]:
-        add(f"--{name}", f"{what} (default: the preset's)", applies, type=COUNT,
+        add(f"--{name}", f"{what} (default: the preset's)", applies, type=SIZE,
             shape=not applies)
 
     add = group("method (paper section 3; each ablation is one flag)")
@@ -1031,15 +1041,21 @@ def check_mode_flags(args, given):
                             f"{' or '.join(flag(m) for m in MODES if m in applies)}")
         if applies and mode not in applies:
             raise UserError(f"{flag(name)} does not apply with {flag(mode)}")
-        datasets = FLAGS[name].datasets
-        if datasets and args.dataset not in datasets:
-            raise UserError(f"{flag(name)} applies only with --dataset {' or '.join(datasets)}")
+    check_dataset_flags(given, args.dataset)
     if mode == "evaluate" and not source_of(args):
-        raise UserError(f"--evaluate scores a checkpoint, not {args.evaluate!r}; random weights are "
-                        "scored by --location-probe random and --linear-probe random")
+        raise UserError(f"--evaluate scores a checkpoint, not {args.evaluate!r} (a folder of that "
+                        f"name: ./{args.evaluate}); random weights are scored by --location-probe "
+                        "random and --linear-probe random")
     if "model" in given and source_of(args):
         raise UserError(f"--model does not apply with {flag(mode)} CHECKPOINT: the encoder's "
                         f"shape comes from the checkpoint")
+
+
+def check_dataset_flags(given, dataset):
+    for name in sorted(given):
+        datasets = FLAGS[name].datasets
+        if datasets and dataset not in datasets:
+            raise UserError(f"{flag(name)} applies only with --dataset {' or '.join(datasets)}")
 
 
 def complete_args(args, given):
@@ -1130,7 +1146,7 @@ def load_checkpoint(path):
     except OSError as e:
         raise UserError(f"cannot read checkpoint {str(path)!r}: {e.strerror or e}") from None
     except Exception as e:  # weights_only names a refused class in many lines: keep the name
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        refused = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(e), re.IGNORECASE)
         why = (f"holds a pickled {refused[1]}, which a weights-only load refuses; save plain "
                "tensors and dicts" if refused else
                f"is corrupt, truncated or not a checkpoint ({type(e).__name__})")
@@ -1304,8 +1320,8 @@ def source_line(args):
     path = source_of(args)
     if not path:
         return "" if mode_of(args) == "pretrain" else " from random weights"
-    if args.resume and not Path(path).is_file():  # the run's own checkpoint holds the weights
-        return f" from {path} (since moved or deleted)"
+    if args.resume:  # the run's own checkpoint holds the weights: the source may be gone
+        return f" from {path}"
     imp = imported(path)
     total = (imp.args or {}).get("epochs")
     epoch = "" if imp.epoch is None else f", epoch {imp.epoch}" + (f" of {total}" if total else "")
@@ -1359,6 +1375,7 @@ def resumed_args(args, given):
     path = checkpoint_path(args.resume)
     folder = str(path.parent)
     saved = dict(vars(build_parser().parse_args([])), **load_training_checkpoint(path)["args"])
+    check_dataset_flags(given, saved["dataset"])
     for name in sorted(given - FREE_ON_RESUME):
         if getattr(args, name) != saved[name]:
             raise UserError(f"{flag(name)} would change the run in {folder!r}: it was started "
@@ -1535,6 +1552,15 @@ class FolderLock:
         self.fd = None
 
 
+def row_before(line, epochs_done, steps_done):
+    """Whether a metrics.jsonl line is a whole row written before the checkpoint taken there."""
+    try:
+        row = json.loads(line)
+        return row["epoch"] <= epochs_done if row.get("summary") else row["step"] <= steps_done
+    except (ValueError, KeyError, TypeError, AttributeError):  # half a row, or not one
+        return False
+
+
 def stopped_before_a_checkpoint(folder):
     """What a folder whose run died before its first checkpoint holds (no live run is there)."""
     return (f"{str(folder)!r} holds no checkpoint: its run stopped before it wrote the first one "
@@ -1573,6 +1599,7 @@ class RunFolder:
         self.folder = Path(args.output_dir)
         self.checkpoint = self.folder / "checkpoint.pt"
         self.epoch, self.step, self.rows, self.sums, self.elapsed_before = 0, 0, 0, None, 0.0
+        self.lost = 0  # metrics.jsonl rows the checkpoint saw that are no longer there
         if args.resume:
             self.restore(Path(args.resume))
 
@@ -1611,15 +1638,21 @@ class RunFolder:
 
     def open_log(self, total_steps):
         """The run's Logger, going on with its running sums and its metrics.jsonl, cut back to the
-        rows the checkpoint saw (rows written after it are about to be redone)."""
+        rows the checkpoint saw: rows past its step are about to be redone."""
         path, steps = self.folder / "metrics.jsonl", self.data.stream.steps
-        lines = path.read_bytes().splitlines(keepends=True) if path.exists() else []
-        if self.proc.rank == 0 and len(lines) > self.rows:
-            atomic_write(path, lambda f: f.writelines(lines[:self.rows]))
-        if self.proc.rank == 0 and len(lines) < self.rows:  # deleted or cut by hand
-            warn(f"{str(path)!r} has lost {self.rows - len(lines)} of the {self.rows} rows its "
-                 "checkpoint saw: curves.png goes without them")
-            self.rows = len(lines)  # what the file holds: the next resume cuts back to it
+        if self.proc.rank == 0:
+            done = self.epoch * steps + self.step
+            try:
+                text = path.read_bytes() if path.exists() else b""
+            except OSError as e:
+                raise UserError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+            kept = [row + b"\n" for row in text.splitlines() if row_before(row, self.epoch, done)]
+            if b"".join(kept) != text:  # a half-written last row goes too
+                atomic_write(path, lambda f: f.writelines(kept))
+            self.lost, self.rows = max(self.rows - len(kept), 0), len(kept)
+            if self.lost:  # deleted or cut by hand
+                warn(f"{str(path)!r} has lost {self.lost} of the rows its checkpoint saw; they "
+                     "cannot be written again")
         self.log = Logger(path, self.rows, self.proc, self.args.log_every,
                           steps, total_steps, self.epoch * steps + self.step, self.sums,
                           (self.task.acc_name, self.task.acc_key), self.elapsed_before)
@@ -1673,7 +1706,8 @@ class RunFolder:
             rewritten.append("curves.png")
         n = self.args.epochs
         self.say(f"the run in {self.folder} is complete ({n} epoch{'s' * (n > 1)})"
-                 + (f"; rewrote {', '.join(rewritten)}" if rewritten else "; its files are intact"))
+                 + (f"; rewrote {', '.join(rewritten)}" if rewritten else
+                    "" if self.lost else "; its files are intact"))
         return self.task.model
 
     def say(self, line, err=False):
@@ -1863,8 +1897,9 @@ def load_imagefolder(args):
     n = args.classes or max(len(train.classes), len(val.classes))  # the kept ones, all of them
     only_one = sorted(set(val.classes[:n]) ^ set(train.classes[:n]))  # the same set: same order
     if only_one:
+        where = "--val-dir" if only_one[0] in val.classes else "--data-dir"
         raise UserError(f"--val-dir and --data-dir hold different classes: {only_one[0]!r} is in "
-                        f"one only ({len(only_one)} such)")
+                        f"{where} only ({len(only_one)} such)")
     return train, val
 
 
@@ -2591,11 +2626,12 @@ def main(argv=None):
             (evaluate if args.evaluate else train)(args)
     except (UserError, MemoryError, RuntimeError) as e:  # torch names CPU OOM only in its text
         if not isinstance(e, (UserError, MemoryError, torch.OutOfMemoryError)) \
-                and "can't allocate memory" not in str(e):
+                and not re.search("can't allocate memory|size calculation overflowed", str(e)):
             raise
         if not isinstance(e, UserError):
-            e = (f"out of memory ({str(e).splitlines()[0][-120:]}); lower --batch-size or the "
-                 f"model's size. A checkpoint.pt written before, if any, is intact")
+            why = textwrap.shorten(re.sub(r"^\[enforce fail.*?\] (err == 0\. )?", "", str(e)), 160)
+            e = (f"out of memory ({why}); lower --batch-size or the model's size. A checkpoint.pt "
+                 "written before, if any, is intact")
         sys.stderr.write(f"error: {e}\n")  # one write: torchrun's processes' lines stay whole
         sys.stderr.flush()
         raise SystemExit(2)
