@@ -2586,7 +2586,7 @@ def benchmark(args):
                   peak_memory_mb=round(peak_mb, 1), gflops_per_image=round(gflops, 3),
                   achieved_gflops=round(ips * gflops, 1), peak_gflops_fp32=round(peaks["fp32"], 1),
                   peak_gflops_bf16=round(peaks["bf16"], 1),
-                  utilization=round(ips * gflops / peaks[proc.precision], 3),
+                  utilization=round(ips * gflops / max(peaks.values()), 3),  # the device's best
                   threads=torch.get_num_threads())
     try:
         result["images_per_sec_with_data"] = bench_with_data(args, step, proc)
