@@ -1149,6 +1149,20 @@ def test_resume_after_sigkill_mid_epoch_reproduces_the_uninterrupted_run_and_its
 
 
 @slow
+def test_ctrl_c_during_the_last_evaluation_ends_the_run_whole_and_by_that_signal(tmp_path, monkeypatch):
+    evaluate = train.Pretraining.evaluate
+
+    def interrupted(task, epochs_done=None):
+        os.kill(os.getpid(), signal.SIGINT)  # the run's own handler only takes note
+        return evaluate(task, epochs_done)
+    monkeypatch.setattr(train.Pretraining, "evaluate", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        _train_in_process(TRAIN_TINY + ["--epochs", 1, "--output-dir", tmp_path / "run"])
+    assert exit_info.value.code == 128 + signal.SIGINT  # a shell loop of runs stops here
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+@slow
 def test_ctrl_c_mid_epoch_saves_then_dies_of_sigint_without_traceback_and_resume_is_exact(pretrained_run, tmp_path):
     ref_dir, _ = pretrained_run
     proc, out_dir = _start_and_reach_second_epoch(tmp_path)
@@ -2832,6 +2846,15 @@ def test_rows_deleted_by_hand_stay_deleted_and_no_row_repeats_over_two_more_sitt
     proc.wait()
     _train_in_process(["--resume", out_dir])
     assert _learned_rows(metrics) == _learned_rows(ref_dir / "metrics.jsonl")[3:]
+
+
+@slow
+def test_a_finished_run_drops_rows_appended_to_its_metrics_and_says_so(run_copy):
+    rows = (run_copy / "metrics.jsonl").read_text()
+    with open(run_copy / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 99, "step": 999999, "loss": 1.0}\nxx{')  # a row from nowhere, half a row
+    assert "rewrote metrics.jsonl" in _train_in_process(["--resume", run_copy])
+    assert (run_copy / "metrics.jsonl").read_text() == rows
 
 
 @slow

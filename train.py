@@ -107,6 +107,8 @@ def train(args):
             run.save(epoch + 1, 0)
             task.write_outputs(run.folder)
     run.say(f"run complete: {run.folder}")
+    if stop.signalled:  # came during the last evaluation: the run is whole, yet a shell loop stops
+        raise SystemExit(128 + stop.signalled)
     return task.model
 
 
@@ -1599,7 +1601,7 @@ class RunFolder:
         self.folder = Path(args.output_dir)
         self.checkpoint = self.folder / "checkpoint.pt"
         self.epoch, self.step, self.rows, self.sums, self.elapsed_before = 0, 0, 0, None, 0.0
-        self.lost = 0  # metrics.jsonl rows the checkpoint saw that are no longer there
+        self.lost, self.cut = 0, False  # rows of metrics.jsonl: some gone, some cut here
         if args.resume:
             self.restore(Path(args.resume))
 
@@ -1647,7 +1649,8 @@ class RunFolder:
             except OSError as e:
                 raise UserError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
             kept = [row + b"\n" for row in text.splitlines() if row_before(row, self.epoch, done)]
-            if b"".join(kept) != text:  # a half-written last row goes too
+            self.cut = b"".join(kept) != text  # a half-written last row goes too
+            if self.cut:
                 atomic_write(path, lambda f: f.writelines(kept))
             self.lost, self.rows = max(self.rows - len(kept), 0), len(kept)
             if self.lost:  # deleted or cut by hand
@@ -1700,6 +1703,7 @@ class RunFolder:
         """Resuming a finished run: check what it left, rewrite what is missing or unreadable."""
         rewritten = self.task.write_outputs(self.folder, only_broken=True)
         log = self.open_log(0)  # cuts metrics.jsonl back to the rows the final checkpoint had seen
+        rewritten += ["metrics.jsonl"] * self.cut
         say_warnings()
         if self.proc.rank == 0 and not readable_png(self.folder / "curves.png"):
             log.draw_curves(self.task.chance())
