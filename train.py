@@ -835,9 +835,10 @@ COUNT, NATURAL = number(int, 1), number(int, 0)
 
 
 def SIZE(text):  # a COUNT that can be a tensor's side: torch fails on larger ones with a TypeError
-    if COUNT(text) >= 2 ** 31:
+    v = COUNT(text)
+    if v >= 2 ** 31:
         raise argparse.ArgumentTypeError(f"must be < 2147483648, got {text}")
-    return int(text)
+    return v
 
 
 SIZE.__name__ = "int"
@@ -2629,10 +2630,10 @@ def main(argv=None):
         with FolderLock(args):  # one live run per folder
             (evaluate if args.evaluate else train)(args)
     except (UserError, MemoryError, RuntimeError) as e:  # torch names CPU OOM only in its text
-        if not isinstance(e, (UserError, MemoryError, torch.OutOfMemoryError)) \
+        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) \
                 and not re.search("can't allocate memory|size calculation overflowed", str(e)):
             raise
-        if not isinstance(e, UserError):
+        if not isinstance(e, UserError):  # out of memory
             why = textwrap.shorten(re.sub(r"^\[enforce fail.*?\] (err == 0\. )?", "", str(e)), 160)
             e = (f"out of memory ({why}); lower --batch-size or the model's size. A checkpoint.pt "
                  "written before, if any, is intact")
