@@ -1838,6 +1838,20 @@ def test_a_bad_checkpoint_is_one_line(pretrained_run, tmp_path, capsys):
         assert phrase in _fails(ENCODER_TINY + ["--finetune", path] + out, capsys), path
 
 
+@slow
+def test_a_checkpoint_whose_flags_were_edited_is_one_line_that_names_the_flag(pretrained_run, tmp_path, capsys):
+    for key, value, shown in [("dim", "abc", "--dim 'abc'"), ("epochs", "5", "--epochs '5'"),
+                              ("mask_ratio", None, "--mask-ratio None"), ("dataset", 3, "--dataset 3"),
+                              ("no_attentive", "yes", "--no-attentive 'yes'"), ("batch_size", -4, "--batch-size -4")]:
+        ck = torch.load(pretrained_run[0] / "checkpoint.pt", weights_only=True)
+        ck["args"][key] = value
+        (tmp_path / key).mkdir()
+        torch.save(ck, tmp_path / key / "checkpoint.pt")
+        for argv in (["--resume", tmp_path / key], ENCODER_TINY + ["--finetune", tmp_path / key]):
+            assert f"records {shown}, which train.py cannot take" in _fails(
+                argv + ["--output-dir", tmp_path / key / "out"], capsys), (key, argv[0])
+
+
 @pytest.mark.parametrize("case", ["unknown-dataset", "corrupt-checkpoint", "cifar-download-fails"])
 @slow
 def test_bad_input_on_the_command_line_prints_no_traceback(case, tmp_path):

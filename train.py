@@ -1200,6 +1200,7 @@ def import_state(obj, path):
     facts = {}
     if isinstance(ck.get("args"), dict) and ck.get("mode") in TASKS:
         source, state, args, mode = "train.py checkpoint", ck.get("model"), ck["args"], ck["mode"]
+        check_run_flags(args, path)
         epoch = ck.get("epoch")
     elif "state_dict" in ck:  # main_pretrain.py / main_finetune.py: epoch is already epoch + 1
         source, state, epoch = "official DropPos checkpoint", ck["state_dict"], ck.get("epoch")
@@ -1419,10 +1420,30 @@ CHECKPOINT_KEYS = ("mode", "args", "model", "optimizer", "epoch", "step_in_epoch
 
 def load_training_checkpoint(path):
     ck = load_checkpoint(path)
-    if not isinstance(ck, dict) or not all(k in ck for k in CHECKPOINT_KEYS):
+    if not (isinstance(ck, dict) and all(k in ck for k in CHECKPOINT_KEYS)
+            and isinstance(ck["args"], dict)):
         raise UserError(f"checkpoint {str(path)!r} is not a training checkpoint of this version "
                         f"of train.py")
+    check_run_flags(ck["args"], path)
     return ck
+
+
+def check_run_flags(saved, path):
+    """A train.py checkpoint's flags are values the parser could have given: a file edited by
+    hand or by another program is refused by name here, not met later as a traceback."""
+    for name, v in sorted(saved.items()):
+        a = FLAGS.get(name)
+        if a is None or v is None and a.default is None:
+            continue  # a flag of another version, or one left at its default None
+        try:
+            ok = (isinstance(v, bool) if a.nargs == 0 else  # store_true
+                  type(v) in (int, float, str) and v in (a.choices or [v])
+                  and (a.type is None or a.type(str(v)) == v))
+        except (ValueError, argparse.ArgumentTypeError):
+            ok = False
+        if not ok:
+            raise UserError(f"checkpoint {str(path)!r} records {flag(name)} {v!r}, which train.py "
+                            "cannot take: the file was changed after train.py wrote it")
 
 
 def load_state(module, state, what):
