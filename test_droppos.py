@@ -2636,6 +2636,19 @@ def test_evaluate_scores_a_checkpoint_and_its_official_layout_alike_and_repeatab
     assert "test_pos_top1" not in enc and enc["knn_top1"] == ours["knn_top1"]
 
 
+def test_an_evaluation_stopped_by_ctrl_c_leaves_no_folder_and_can_run_again(pretrained_run, tmp_path, monkeypatch,
+                                                                           capsys):
+    def ctrl_c(*_):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "run_knn", ctrl_c)  # the last number it computes
+    with pytest.raises(SystemExit) as stopped:
+        _train_in_process(EVAL_TINY + ["--evaluate", pretrained_run[0], "--output-dir", tmp_path / "ev"])
+    assert stopped.value.code == 130 and not (tmp_path / "ev").exists()
+    assert capsys.readouterr().err.strip() == "interrupted before anything was saved"
+    monkeypatch.undo()
+    assert "knn_top1" in _evaluation(["--evaluate", pretrained_run[0]], tmp_path / "ev")
+
+
 @slow
 def test_finetune_from_every_layout_gives_identical_runs(pretrained_run, tmp_path):
     ref_dir, _ = pretrained_run

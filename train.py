@@ -2145,13 +2145,13 @@ def evaluate(args):
         chance = chance_of_grid(model.grid, "test_pos")
         results.update(scores, **{f"{k}_chance": v for k, v in chance.items()},
                        mask_ratio=args.mask_ratio, pos_mask_ratio=args.pos_mask_ratio)
-        imgs = picture_images(data) if proc.rank == 0 else None
-        if imgs is not None:
-            save_reassembly(model, imgs, folder / "reassembly.png", proc, beliefs["test_pos"])
     elif imp.mode == "finetune":
         results["test_top1"] = evaluate_classifier(model, data, args, proc)
     results.update(knn_top1=run_knn(encoder, data, args, proc), top1_chance=100 / data.num_classes)
-    if proc.rank == 0:
+    if proc.rank == 0:  # the files last: an evaluation stopped before here leaves no folder
+        imgs = picture_images(data) if head else None
+        if imgs is not None:
+            save_reassembly(model, imgs, folder / "reassembly.png", proc, beliefs["test_pos"])
         line = json.dumps(results)
         atomic_write(folder / "evaluation.json", lambda f: f.write(line.encode() + b"\n"))
         print(line, flush=True)
@@ -2662,7 +2662,7 @@ def main(argv=None):
         sys.stderr.flush()
         raise SystemExit(2)
     except KeyboardInterrupt:  # Ctrl-C before the loop has taken over the signal: nothing saved
-        sys.stderr.write("\ninterrupted before training started; nothing was saved\n")
+        sys.stderr.write("\ninterrupted before anything was saved\n")
         raise SystemExit(128 + signal.SIGINT)
     finally:
         if dist.is_initialized():
