@@ -7,6 +7,7 @@ runs in fp32 on the CPU with tiny models, so the whole file stays fast on a lapt
 import argparse
 import datetime
 import errno
+import fcntl
 import itertools
 import json
 import math
@@ -2529,8 +2530,57 @@ def test_encoder_shape_finds_sizes_and_pos_embed_kind(kind):
 def test_encoder_shape_refuses_non_square_grid():
     sd = encoder_part(tiny_state())
     sd["encoder.pos_embed"] = torch.zeros(1, 1 + 12, 32)
-    with pytest.raises(train.UserError, match="12-patch"):
+    with pytest.raises(train.UserError, match="13 positions: .CLS. and 12 patches, not a square grid"):
         train.encoder_shape(sd)
+
+
+@pytest.mark.parametrize("change, phrase", [
+    (lambda sd: sd.update({"encoder.pos_embed": torch.zeros(1, 17, 48)}), r"pos_embed \(1, 17, 48\) does not fit"),
+    (lambda sd: sd.update({"encoder.pos_embed": torch.zeros(17, 32)}), r"pos_embed \(17, 32\) does not fit"),
+    (lambda sd: sd.update({"encoder.pos_embed": torch.zeros(1, 16, 32)}), "16 positions, a square grid without .CLS."),
+    (lambda sd: sd.pop("decoder.embed.weight"), "position head .decoder_pred. but no decoder_embed.weight")])
+def test_encoder_shape_names_what_does_not_fit_a_vit(change, phrase):
+    sd = tiny_state()
+    change(sd)
+    with pytest.raises(train.UserError, match=phrase):
+        train.encoder_shape(sd)
+
+
+def test_a_state_dict_with_a_non_string_key_or_non_finite_weights_is_refused_by_name(tmp_path):
+    enc = {k.removeprefix("encoder."): v for k, v in encoder_part(tiny_state()).items()}
+    with pytest.raises(train.UserError, match="is not a checkpoint train.py can read"):
+        load_as_file({1: torch.zeros(1), **enc}, tmp_path)
+    enc["blocks.1.mlp.fc1.weight"] = torch.full_like(enc["blocks.1.mlp.fc1.weight"], math.nan)
+    enc["norm.bias"] = torch.full_like(enc["norm.bias"], math.inf)
+    with pytest.raises(train.UserError, match=r"NaN or infinite weights \(encoder.blocks.1.mlp.fc1.weight and 1 more"):
+        load_as_file(enc, tmp_path)
+
+
+def test_namespace_facts_a_flag_could_not_take_count_as_absent(tmp_path):
+    ns = argparse.Namespace(model="custom", input_size="big", mask_ratio=None, pos_mask_ratio=True, epochs=100)
+    got = load_as_file({"model": official(tiny_state()), "optimizer": {}, "epoch": 49, "scaler": {}, "args": ns},
+                       tmp_path)
+    assert got.extra == {"epochs": 100, "ignored": [], "missing": []} and got.epoch == 50
+
+
+def test_a_timm_dict_with_the_position_decoder_is_not_called_an_encoder(tmp_path):
+    assert load_as_file(official(tiny_state()), tmp_path).source == "timm encoder"
+
+
+def test_an_arch_name_of_another_width_is_not_trusted_for_heads_and_old_flags_defer_to_tensors(tmp_path, capsys):
+    sd = tiny_state()  # width 32, 2 heads; "small" would be width 384 with 6 heads
+    torch.save({"epoch": 1, "state_dict": official(sd), "model": "DropPos_mae_vit_small_patch4_dec32d1b"},
+               tmp_path / "lying.pth")
+    args = train.parse_args(EVAL_TINY + ["--evaluate", str(tmp_path / "lying.pth"), *HEADS, "--decoder-heads", "2",
+                                         "--output-dir", str(tmp_path / "ev")])
+    assert (args.heads, args.decoder_heads) == (2, 2)
+    assert "its tensors are 32 wide, not 384: the name's head counts are not used" in train.WARNINGS[0]
+    train.WARNINGS.clear()
+    # A train.py checkpoint of a version whose args lack img_size and patch_size: its tensors tell them.
+    torch.save({"mode": "pretrain", "args": {"heads": 2, "dim": 32, "depth": 2, "decoder_dim": 32, "decoder_depth": 1,
+                                             "decoder_heads": 2}, "model": sd, "epoch": 1}, tmp_path / "old.pt")
+    args = train.parse_args(EVAL_TINY + ["--evaluate", str(tmp_path / "old.pt"), "--output-dir", str(tmp_path / "o")])
+    assert (args.img_size, args.patch_size) == (16, 4)
 
 
 def test_resize_same_grid_unchanged_sincos_recomputed_learnable_bicubic():
@@ -2756,6 +2806,21 @@ def test_a_second_run_into_a_live_runs_folder_refuses_naming_it_and_touches_noth
     # there to continue, instead of "does not exist".
     line = _fails(["--resume", tmp_path / "run"], capsys)
     assert "stopped before it wrote the first one" in line
+
+
+def test_a_live_evaluations_folder_is_refused_without_advising_resume(tmp_path):
+    folder, args = tmp_path / "ev", argparse.Namespace(output_dir=str(tmp_path / "ev"), resume=None)
+    folder.mkdir()
+    (folder / ".lock").write_text("pid 1: train.py --evaluate x.pt")
+    fd = os.open(folder / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held by "another" open file, as a live process holds it
+    try:
+        with pytest.raises(train.UserError) as refused:
+            train.FolderLock(args).__enter__()
+        assert "still going (pid 1: train.py --evaluate x.pt)" in str(refused.value)
+        assert "--resume" not in str(refused.value)
+    finally:
+        os.close(fd)
 
 
 def test_a_lock_left_by_a_killed_run_is_stale_and_a_live_one_is_named(tmp_path):

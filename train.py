@@ -17,6 +17,7 @@ evaluation). Part II protects: flags, checkpoints, run folder and resume, proces
 """
 
 import argparse
+import errno
 import fcntl
 import functools
 import json
@@ -1146,8 +1147,11 @@ def load_checkpoint(path):
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as e:
-        raise UserError(f"cannot read checkpoint {str(path)!r}: {e.strerror or e}") from None
+    except OSError as e:  # a truncated zip gives EINVAL
+        if e.errno != errno.EINVAL:
+            raise UserError(f"cannot read checkpoint {str(path)!r}: {e.strerror or e}") from None
+        raise UserError(f"checkpoint {str(path)!r} is corrupt or truncated ({e.strerror})") \
+            from None
     except Exception as e:  # weights_only names a refused class in many lines: keep the name
         refused = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(e), re.IGNORECASE)
         why = (f"holds a pickled {refused[1]}, which a weights-only load refuses; save plain "
@@ -1166,6 +1170,8 @@ class Imported(NamedTuple):
     extra: dict         # "ignored" / "missing" key prefixes, and facts from a Namespace
 
 
+NAMESPACE_FACTS = {"input_size": "img_size", "mask_ratio": "mask_ratio",  # MAE's args -> flags
+                   "pos_mask_ratio": "pos_mask_ratio", "epochs": "epochs"}
 _ENCODER = ("cls_token", "pos_embed", "patch_embed", "blocks", "norm")  # timm's top-level names
 _DECODER = {"decoder_embed": "decoder.embed", "decoder_blocks": "decoder.blocks",
             "decoder_norm": "decoder.norm", "decoder_pred": "decoder.head"}
@@ -1208,13 +1214,15 @@ def import_state(obj, path):
     elif isinstance(ck.get("args"), argparse.Namespace):  # save_model: its epoch is 0-based
         source, state, ns = "MAE/DropPos save_model", ck.get("model"), vars(ck["args"])
         name = ns.get("model")
-        facts = {k: ns[k] for k in ("input_size", "mask_ratio", "pos_mask_ratio") if k in ns}
+        facts = {k: ns[k] for k, ours in NAMESPACE_FACTS.items()  # odd values: as if absent
+                 if ns.get(k) is not None and takes(ours, ns[k])}
         epoch = ck["epoch"] + 1 if isinstance(ck.get("epoch"), int) else None
     elif "model" in ck:  # MAE's released files: encoder only, or (visualize) with its decoder
         source, state = "MAE encoder", ck["model"]
     else:
         source, state = "timm encoder", ck
-    tensors = isinstance(state, dict) and all(map(torch.is_tensor, state.values()))
+    tensors = (isinstance(state, dict) and all(map(torch.is_tensor, state.values()))
+               and all(isinstance(k, str) for k in state))
     model, ignored = _rename(state) if tensors else ({}, [])
     if "encoder.patch_embed.proj.weight" not in model or "encoder.pos_embed" not in model:
         what = (f"a dict with keys {[str(k) for k in ck][:8]}{' ...' if len(ck) > 8 else ''}"
@@ -1222,8 +1230,13 @@ def import_state(obj, path):
         raise UserError(f"{str(path)!r} is not a checkpoint train.py can read: {what}; expected a "
                         "train.py checkpoint.pt or encoder.pt, an official DropPos or MAE "
                         "checkpoint, or a timm ViT state dict")
-    if source == "timm encoder" and not ignored:  # exactly a ViT's keys: what train.py writes
-        source = "train.py encoder"
+    bad = [k for k, v in model.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+        raise UserError(f"{str(path)!r} holds NaN or infinite weights ({bad[0]}{more}): a run "
+                        "that diverged; take an earlier checkpoint of it")
+    if source == "timm encoder" and not ignored and all(k.startswith("encoder.") for k in model):
+        source = "train.py encoder"  # exactly a ViT's keys: what train.py writes
     have = {k.split(".")[1] for k in model if k.startswith("encoder.")}
     facts.update(ignored=ignored, missing=[k for k in _ENCODER if k not in have])  # e.g. "norm"
     arch = arch_facts(name) if isinstance(name, str) else {}
@@ -1233,10 +1246,16 @@ def import_state(obj, path):
 def encoder_shape(model):
     """Sizes an Imported.model's tensors tell (heads: None); pos_embed "sincos" if MAE's fixed."""
     proj, pos = model["encoder.patch_embed.proj.weight"], model["encoder.pos_embed"]
+    if proj.ndim != 4 or pos.ndim != 3 or pos.shape[2] != proj.shape[0]:
+        raise UserError(f"its pos_embed {tuple(pos.shape)} does not fit its patch embedding "
+                        f"{tuple(proj.shape)}: a ViT's are (1, 1 + N, D) and (D, 3, p, p)")
     dim, p, n = proj.shape[0], proj.shape[-1], pos.shape[1] - 1  # (D, C, p, p), (1, 1+N, D)
     side = math.isqrt(n)
     if side * side != n:
-        raise UserError(f"cannot tell the image size of a {n}-patch encoder (not a square grid)")
+        raise UserError(f"its pos_embed has {n + 1} positions, a square grid without [CLS]; "
+                        "train.py's ViT has a [CLS] token" if math.isqrt(n + 1) ** 2 == n + 1 else
+                        f"its pos_embed has {n + 1} positions: [CLS] and {n} patches, not a "
+                        "square grid")
     fixed = dim % 4 == 0 and torch.allclose(pos[0, 1:].float(), sincos_pos_embed(dim, (side, side)),
                                             rtol=0, atol=1e-5)
     depth = {part: len({k.split(".")[2] for k in model if k.startswith(f"{part}.blocks.")})
@@ -1244,6 +1263,8 @@ def encoder_shape(model):
     shape = dict(img_size=side * p, patch_size=p, dim=dim, depth=depth["encoder"], heads=None,
                  pos_embed="sincos" if fixed else "learnable")
     if "decoder.head.weight" in model:  # a position decoder: embed (Dd, D), head (N, Dd)
+        if "decoder.embed.weight" not in model:
+            raise UserError("it has a position head (decoder_pred) but no decoder_embed.weight")
         shape.update(decoder_dim=len(model["decoder.embed.weight"]), decoder_depth=depth["decoder"],
                      decoder_heads=None, num_positions=len(model["decoder.head.weight"]))
     return shape
@@ -1293,10 +1314,19 @@ def take_encoder_shape(args, given):
     if mode == "finetune" and imp.mode == "finetune":
         raise UserError(f"{path!r} is a fine-tuning checkpoint; fine-tune from a pre-training "
                         "run's checkpoint.pt or encoder.pt")
-    shape = dict(encoder_shape(imp.model), heads=imp.arch.get("heads"),
-                 decoder_heads=imp.arch.get("decoder_heads"), **imp.extra)
-    if imp.args:  # the parser's defaults for flags the file predates
-        shape.update(model_config(build_parser().parse_args([], argparse.Namespace(**imp.args))))
+    try:
+        tensors = encoder_shape(imp.model)
+    except UserError as e:
+        raise UserError(f"{path!r} is not a ViT train.py can build: {e}") from None
+    arch = imp.arch if imp.arch.get("dim") == tensors["dim"] else {}  # the name's heads fit
+    if imp.arch and not arch:
+        warn(f"{path!r} names its model {imp.arch['name']}, but its tensors are {tensors['dim']} "
+             f"wide, not {imp.arch['dim']}: the name's head counts are not used")
+    shape = dict(tensors, heads=arch.get("heads"), decoder_heads=arch.get("decoder_heads"),
+                 **imp.extra)
+    if imp.args:  # the run's flags; the parser's defaults for flags the file predates
+        config = model_config(build_parser().parse_args([], argparse.Namespace(**imp.args)))
+        shape.update({k: v for k, v in config.items() if v is not None})
     if mode == "evaluate" and imp.args and "recipe" not in given:  # its evaluation crop
         args.recipe = imp.args.get("recipe", "laptop")
     keys = ENCODER_SHAPE
@@ -1314,7 +1344,7 @@ def take_encoder_shape(args, given):
             raise UserError(f"{flag(key)} {getattr(args, key)} differs from the encoder in "
                             f"{path!r} ({shape[key]}): {mode.replace('_', ' ')} uses the encoder "
                             "as it was trained; drop the flag")
-    done, total = imp.epoch, (imp.args or {}).get("epochs")
+    done, total = imp.epoch, (imp.args or imp.extra).get("epochs")
     if done is not None and total and done < total:
         warn(f"{path!r} is an unfinished run: {done} of its {total} epochs were done")
 
@@ -1327,7 +1357,7 @@ def source_line(args):
     if args.resume:  # the run's own checkpoint holds the weights: the source may be gone
         return f" from {path}"
     imp = imported(path)
-    total = (imp.args or {}).get("epochs")
+    total = (imp.args or imp.extra).get("epochs")
     epoch = "" if imp.epoch is None else f", epoch {imp.epoch}" + (f" of {total}" if total else "")
     return f" from {path} ({imp.source}{epoch})"
 
@@ -1431,19 +1461,21 @@ def load_training_checkpoint(path):
 def check_run_flags(saved, path):
     """A train.py checkpoint's flags are values the parser could have given: a file edited by
     hand or by another program is refused by name here, not met later as a traceback."""
-    for name, v in sorted(saved.items()):
-        a = FLAGS.get(name)
-        if a is None or v is None and a.default is None:
-            continue  # a flag of another version, or one left at its default None
-        try:
-            ok = (isinstance(v, bool) if a.nargs == 0 else  # store_true
-                  type(v) in (int, float, str) and v in (a.choices or [v])
-                  and (a.type is None or a.type(str(v)) == v))
-        except (ValueError, argparse.ArgumentTypeError):
-            ok = False
-        if not ok:
-            raise UserError(f"checkpoint {str(path)!r} records {flag(name)} {v!r}, which train.py "
-                            "cannot take: the file was changed after train.py wrote it")
+    for name in sorted(saved.keys() & FLAGS.keys()):  # other keys: flags of another version
+        if not takes(name, saved[name]):
+            raise UserError(f"checkpoint {str(path)!r} records {flag(name)} {saved[name]!r}, which "
+                            "train.py cannot take: the file was changed after train.py wrote it")
+
+
+def takes(name, v):
+    """Whether the parser could have given flag `name` the value v (None only as its default)."""
+    a = FLAGS[name]
+    try:
+        return (a.default is None if v is None else isinstance(v, bool) if a.nargs == 0
+                else type(v) in (int, float, str) and v in (a.choices or [v])
+                and (a.type is None or a.type(str(v)) == v))
+    except (ValueError, argparse.ArgumentTypeError):
+        return False
 
 
 def load_state(module, state, what):
@@ -1532,10 +1564,11 @@ class FolderLock:
         except BlockingIOError:
             os.close(self.fd)
             self.fd = None
-            raise UserError(f"{str(f)!r} belongs to a run that is still going ({live_owner(f)}); "
-                            f"let it finish or stop it, then continue it with `python train.py "
-                            f"--resume {f}`, or start another run in another --output-dir") \
-                from None
+            owner = live_owner(f)  # an evaluation has nothing to resume
+            then = ("" if "--evaluate" in owner else
+                    f", then continue it: python train.py --resume {f}")
+            raise UserError(f"{str(f)!r} belongs to a run that is still going ({owner}); let it "
+                            f"finish or stop it{then}; or use another --output-dir") from None
         try:
             if not self.args.resume:
                 self.refuse_a_folder_with_a_run(created)
@@ -1554,7 +1587,8 @@ class FolderLock:
         f, why = self.folder, None
         if (f / "metrics.jsonl").exists() and not (f / "checkpoint.pt").exists():
             why = stopped_before_a_checkpoint(f)
-        elif (f / "evaluation.json").exists():
+        elif any((f / name).exists() for name in ("evaluation.json", "reassembly.png")) \
+                and not (f / "checkpoint.pt").exists():  # a whole or a stopped evaluation
             why = (f"{str(f)!r} already holds an evaluation; evaluate into another --output-dir, "
                    f"or delete the folder first")
         elif any((f / name).exists() for name in RUN_FILES):
@@ -2148,13 +2182,18 @@ def evaluate(args):
     elif imp.mode == "finetune":
         results["test_top1"] = evaluate_classifier(model, data, args, proc)
     results.update(knn_top1=run_knn(encoder, data, args, proc), top1_chance=100 / data.num_classes)
-    if proc.rank == 0:  # the files last: an evaluation stopped before here leaves no folder
-        imgs = picture_images(data) if head else None
+    # The files last and together: stopped before, an evaluation leaves no folder; Ctrl-C while
+    # they are written waits for both.
+    with StopRequest() as stop:
+        imgs = picture_images(data) if head and proc.rank == 0 else None
         if imgs is not None:
             save_reassembly(model, imgs, folder / "reassembly.png", proc, beliefs["test_pos"])
-        line = json.dumps(results)
-        atomic_write(folder / "evaluation.json", lambda f: f.write(line.encode() + b"\n"))
-        print(line, flush=True)
+        if proc.rank == 0:
+            line = json.dumps(results)
+            atomic_write(folder / "evaluation.json", lambda f: f.write(line.encode() + b"\n"))
+            print(line, flush=True)
+    if stop.signalled:
+        raise SystemExit(128 + stop.signalled)
 
 
 # ============================================================================================
