@@ -1470,9 +1470,12 @@ def check_run_flags(saved, path):
 def takes(name, v):
     """Whether the parser could have given flag `name` the value v (None only as its default)."""
     a = FLAGS[name]
-    try:
-        return (a.default is None if v is None else isinstance(v, bool) if a.nargs == 0
-                else type(v) in (int, float, str) and v in (a.choices or [v])
+    if v is None:
+        return a.default is None
+    if a.nargs == 0:  # store_true
+        return isinstance(v, bool)
+    try:  # what the parser's own type and choices make of the value written out
+        return (type(v) in (int, float, str) and v in (a.choices or [v])
                 and (a.type is None or a.type(str(v)) == v))
     except (ValueError, argparse.ArgumentTypeError):
         return False
