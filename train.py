@@ -32,6 +32,7 @@ import sys
 import textwrap
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -48,20 +49,14 @@ from torchvision.transforms import v2
 import droppos
 from droppos import PRESETS, DropPos, ViT, patchify, sigma_at, sincos_pos_embed, unpatchify
 
-
 class UserError(Exception):
     """A problem with what the user asked for: one line, exit code 2, never a traceback."""
-
 
 ##############################################################################################
 # Part I: how DropPos is trained. The loop, then everything one pre-training step touches.
 ##############################################################################################
 
-
-# ============================================================================================
-# 1. The loop
-# ============================================================================================
-
+# 1. The loop ======================================================================================
 
 def train(args):
     """The loop of every mode that trains. Per step: lr -> forward -> backward -> update -> log;
@@ -83,7 +78,7 @@ def train(args):
     base_lr = args.blr * args.batch_size * proc.world / 256
     log = run.open_log(total)
     say_warnings()
-    log.header(f"{task.name}{task.source} on {args.dataset}: {data.describe()}; {proc.world} "
+    say(f"{task.name}{task.source} on {args.dataset}: {data.describe()}; {proc.world} "
                f"process(es) on {proc.device}, {proc.precision} ({proc.precision_why}); "
                f"{task.n_params() / 1e6:.2f}M parameters, lr {base_lr:.2e}, {steps} steps per "
                f"epoch, {args.epochs} epoch{'s' * (args.epochs > 1)}, folder {run.folder}")
@@ -107,16 +102,12 @@ def train(args):
             log.draw_curves(task.chance())
             run.save(epoch + 1, 0)
             task.write_outputs(run.folder)
-    run.say(f"run complete: {run.folder}")
+    say(f"run complete: {run.folder}")
     if stop.signalled:  # came during the last evaluation: the run is whole, yet a shell loop stops
         raise SystemExit(128 + stop.signalled)
     return task.model
 
-
-# ============================================================================================
-# 2. The tasks: pre-training, fine-tuning, the probes
-# ============================================================================================
-
+# 2. The tasks: pre-training, fine-tuning, the probes ==============================================
 
 class Task:
     """What the loop asks of every mode: a model, parameter groups and betas, set once; a step,
@@ -146,7 +137,6 @@ class Task:
 
     def load_state_dict(self, state):
         pass
-
 
 class Pretraining(Task):
     """DropPos (droppos.py): its step, the held-out position scores and k-NN monitor, and what a
@@ -190,7 +180,6 @@ class Pretraining(Task):
     def write_outputs(self, folder, only_broken=False):  # encoder.pt, reassembly.png
         return write_pretraining_files(self, folder, only_broken)
 
-
 class Finetuning(Task):
     """A classifier on the pre-trained (or a random) encoder: MAE's fine-tuning recipe, layer-wise
     lr decay, MixUp/CutMix, label smoothing, and top-1 on the held-out images every epoch."""
@@ -228,7 +217,6 @@ class Finetuning(Task):
     def load_state_dict(self, state):
         self.best = state["best"]
 
-
 class Classifier(nn.Module):
     """The ViT with a fine-tuning head: mean patch token, LayerNorm, linear. mae_head (--recipe
     paper) pools without the encoder's final norm, as MAE's global-pool head; the norm stays, so a
@@ -247,7 +235,6 @@ class Classifier(nn.Module):
         tokens = self.encoder.forward_features(imgs, final_norm=not self.mae_head)
         return self.head(self.fc_norm(tokens[:, 1:].mean(1)))
 
-
 class FrozenEncoder(nn.Module):
     """A probe's base: frozen means frozen, so the encoder never leaves eval mode."""
 
@@ -255,7 +242,6 @@ class FrozenEncoder(nn.Module):
         super().train(mode)
         self.encoder.eval()
         return self
-
 
 class LocationProbe(FrozenEncoder):
     """The paper's location probe (its analysis section) on a frozen encoder: every patch visible,
@@ -280,7 +266,6 @@ class LocationProbe(FrozenEncoder):
         feats = enc.encode(enc.patch_embed(patchify(imgs, enc.patch_size)) + pos)[:, 1:]
         return self.head(feats), self.control(feats), dropped
 
-
 class LinearProbe(FrozenEncoder):
     """MAE's linear probe on a frozen encoder, which runs without gradient: BatchNorm without
     affine parameters, then a linear classifier, on the mean patch token (k-NN's feature)."""
@@ -297,7 +282,6 @@ class LinearProbe(FrozenEncoder):
         with torch.no_grad():
             feats = self.encoder.forward_features(imgs)[:, 1:].mean(1)
         return self.head(self.bn(feats.float()))
-
 
 class LocationProbing(Task):
     name, mode = "location probe", "location_probe"
@@ -321,7 +305,6 @@ class LocationProbing(Task):
     def chance(self):
         return chance_of_grid(self.model.encoder.grid, "probe")
 
-
 class LinearProbing(Task):
     name, mode = "linear probe", "linear_probe"
 
@@ -337,10 +320,8 @@ class LinearProbing(Task):
     def evaluate(self, epochs_done=None):
         return {"test_top1": evaluate_classifier(self.model, self.data, self.args, self.proc)}
 
-
 TASKS = {"pretrain": Pretraining, "finetune": Finetuning, "location_probe": LocationProbing,
          "linear_probe": LinearProbing}
-
 
 def model_config(args):
     """DropPos constructor arguments: the preset, then any size overrides."""
@@ -350,18 +331,13 @@ def model_config(args):
                 pos_mask_ratio=args.pos_mask_ratio, pos_embed=args.pos_embed,
                 attentive=not args.no_attentive, tau=args.tau)
 
-
 def build_droppos(cfg):
     try:
         return DropPos(**cfg)
     except ValueError as e:  # a shape the model cannot take, e.g. heads that do not divide dim
         raise UserError(str(e)) from None
 
-
-# ============================================================================================
-# 3. Optimiser and schedule
-# ============================================================================================
-
+# 3. Optimiser and schedule ========================================================================
 
 # Which parameters AdamW leaves undecayed, by the recipe's `no_decay` switch: (name, p) -> bool.
 NO_DECAY = {  # laptop: biases, norms, tokens ([CLS], [MASK]) and position embeddings
@@ -373,10 +349,8 @@ NO_DECAY = {  # laptop: biases, norms, tokens ([CLS], [MASK]) and position embed
                                       in ("pos_embed", "cls_token")),
 }
 
-
 def no_decay_rule(recipe_name, mode):
     return NO_DECAY[switch(recipe_name, mode, "no_decay")]
-
 
 def param_groups(model, weight_decay, lr_scale=None, no_decay=NO_DECAY["laptop"]):
     """AdamW groups: no weight decay where no_decay(name, param) says so (`no_decay_rule`), and,
@@ -391,10 +365,8 @@ def param_groups(model, weight_decay, lr_scale=None, no_decay=NO_DECAY["laptop"]
         groups.setdefault((skip, scale), group)["params"].append(p)
     return list(groups.values())
 
-
 def make_optimizer(groups, betas, device, lr=1e-4):  # the loop sets each step's lr
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type in ("cuda", "cpu"))
-
 
 def optimizer_step(model, optimizer, loss, clip_grad, per_parameter=False):
     """Backward, clip the gradients' joint norm (0 = no clipping) or, per_parameter, each
@@ -407,12 +379,10 @@ def optimizer_step(model, optimizer, loss, clip_grad, per_parameter=False):
             nn.utils.clip_grad_norm_(group, clip_grad)  # g *= min(1, clip / (‖g‖ + 1e-6))
     optimizer.step()
 
-
 def per_parameter_clip(recipe_name, mode):
     """Whether clipping bounds each gradient on its own (the official pre-training's
     clip_gradients); MAE's fine-tuning, when asked to clip, clips the joint norm."""
     return switch(recipe_name, mode, "clip_each")
-
 
 def lr_at(step, total, warmup, base_lr, min_lr):
     """Linear warm-up, then half-cosine to min_lr, per optimiser step."""
@@ -420,7 +390,6 @@ def lr_at(step, total, warmup, base_lr, min_lr):
         return base_lr * (step + 1) / warmup
     t = (step - warmup) / max(total - warmup, 1)
     return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
 
 def layer_id(name, depth):
     """Depth of a fine-tuning parameter for layer-wise lr decay: embeddings 0, block i → i+1."""
@@ -430,14 +399,9 @@ def layer_id(name, depth):
         return int(name.split(".")[2]) + 1
     return depth + 1
 
-
-# ============================================================================================
-# 4. Data: the path CIFAR takes
-# ============================================================================================
-
+# 4. Data: the path CIFAR takes ====================================================================
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as MAE normalises
-
 
 class Data:
     """The training stream (None for --evaluate), the held-out images, the class count."""
@@ -462,7 +426,6 @@ class Data:
                 f"({min(self.per_class)}-{max(self.per_class)} per class), {a.img_size} px, "
                 f"patch {a.patch_size}, grid {h}x{w}")
 
-
 def load_datasets(args):
     """(train, held_out, num_classes), untransformed, cut to --classes / --per-class."""
     if args.dataset == "synthetic":
@@ -482,10 +445,8 @@ def load_datasets(args):
         raise UserError("the held-out set has no images of the kept classes (--val-dir, --classes)")
     return Subset(train, keep), held_out, num_classes
 
-
 def targets_of(ds):
     return ds.targets if hasattr(ds, "targets") else [c for _, c in ds.samples]
-
 
 def take_classes(targets, classes, per_class):
     """Indices of the images of the first `classes` classes, at most `per_class` each, in order."""
@@ -495,7 +456,6 @@ def take_classes(targets, classes, per_class):
             seen[c] = seen.get(c, 0) + 1
             keep.append(i)
     return keep
-
 
 class TrainStream:
     """This process's training batches, augmented and normalised on the device: CIFAR-size sets
@@ -554,16 +514,13 @@ class TrainStream:
             dist.all_reduce(n)
         return int(n)
 
-
 def mix_seed(*parts):
     """One 63-bit seed from several integers, different for different tuples in practice."""
     return functools.reduce(lambda h, p: (h * 1_000_003 + p) % 2 ** 63, parts, 0)
 
-
 def crop_scale(finetune):
     # Paper: RandomResizedCrop(scale 0.2-1) + flip to pre-train; MAE's fine-tuning crops from 0.08.
     return (0.08 if finetune else 0.2, 1.0)
-
 
 def augment_batch(imgs, size, scale, generator):
     """`train_transform` for a whole uint8 batch (B, 3, S, S) on its device: RandomResizedCrop,
@@ -574,7 +531,6 @@ def augment_batch(imgs, size, scale, generator):
     # Bicubic overshoots; clamping matches what resampling 8-bit images gives.
     crops = resample_crops(imgs.float() / 255, boxes, flip, size).clamp(0, 1)
     return v2.functional.normalize(crops, MEAN, STD)  # as the per-image transforms do
-
 
 def random_crop_boxes(n, height, width, scale, generator, ratio=(3 / 4, 4 / 3), tries=10):
     """RandomResizedCrop's boxes for n images at once, drawn as torchvision draws them.
@@ -590,7 +546,6 @@ def random_crop_boxes(n, height, width, scale, generator, ratio=(3 / 4, 4 / 3), 
     corner = (torch.rand(2, n, generator=generator).T * (image - hw + 1)).floor()  # uniform
     return torch.cat([corner, hw], 1)
 
-
 def resample_crops(imgs, boxes, flip, size):
     """Every image's box resized to size×size (bicubic) in one grid_sample call, mirrored where
     flip.  imgs: (B, C, H, W) float; boxes: (B, 4) as `random_crop_boxes`; flip: (B,) bool."""
@@ -604,11 +559,7 @@ def resample_crops(imgs, boxes, flip, size):
     grid = F.affine_grid(theta.to(imgs.device), [B, C, size, size], align_corners=False)
     return F.grid_sample(imgs, grid, mode="bicubic", padding_mode="border", align_corners=False)
 
-
-# ============================================================================================
-# 5. Evaluation: k-NN, top-1, position scores
-# ============================================================================================
-
+# 5. Evaluation: k-NN, top-1, position scores ======================================================
 
 def eval_batches(images, args, proc, batch_size):
     """This process's share of a set of images, unaugmented, as (images, labels) on the device;
@@ -620,7 +571,6 @@ def eval_batches(images, args, proc, batch_size):
         warn_unreadable(bad)
         if imgs is not None:
             yield imgs.to(proc.device, non_blocking=True), labels.to(proc.device, non_blocking=True)
-
 
 @torch.no_grad()
 def extract_features(encoder, batches, proc):
@@ -639,7 +589,6 @@ def extract_features(encoder, batches, proc):
     dist.all_gather_object(shares, (torch.cat(feats).cpu(), torch.cat(labels).cpu()))
     return tuple(torch.cat(parts).to(proc.device) for parts in zip(*shares))
 
-
 def knn_classify(train_feats, train_labels, test_feats, num_classes, k=20, t=0.07, chunk=512):
     """Weighted k-NN vote (DINO): each of the k most cosine-similar training features votes for
     its label with weight exp(sim / t).  Features must be L2-normalised.  -> (M_test,) labels."""
@@ -651,7 +600,6 @@ def knn_classify(train_feats, train_labels, test_feats, num_classes, k=20, t=0.0
         preds.append(votes.argmax(1))
     return torch.cat(preds)
 
-
 def run_knn(encoder, data, args, proc):
     """k-NN top-1 (%) of the encoder's features on the held-out images, the training images as
     the bank. Every process embeds its share of both, so none waits idle in a collective."""
@@ -661,7 +609,6 @@ def run_knn(encoder, data, args, proc):
     encoder.train()
     pred = knn_classify(bank_f, bank_y, test_f, data.num_classes, args.knn_k, args.knn_t)
     return 100.0 * (pred == test_y).float().mean().item()
-
 
 @torch.no_grad()
 def evaluate_classifier(model, data, args, proc):
@@ -678,7 +625,6 @@ def evaluate_classifier(model, data, args, proc):
     model.train()
     return 100.0 * (counts[0] / counts[1].clamp(min=1)).item()
 
-
 def head_positions(model, data, args, proc):
     """The DropPos position head on the held-out images, without the loss or its attentive pass:
     the scores of the patches whose position was dropped (test_pos_*) and what the picture draws."""
@@ -687,7 +633,6 @@ def head_positions(model, data, args, proc):
         return {"test_pos": (model.decoder(model.encoder.encode(tokens)), ids_keep, dropped)}
     return held_out_positions(predict, data, args, proc, model.grid)
 
-
 def probe_positions(probe, data, args, proc):
     """The location probe on the held-out images: its measure and its control."""
     def predict(imgs):
@@ -695,7 +640,6 @@ def probe_positions(probe, data, args, proc):
         truth = torch.arange(head.shape[1], device=imgs.device).expand(len(imgs), -1)
         return {"probe": (head, truth, dropped), "control": (control, truth, ~dropped)}
     return held_out_positions(predict, data, args, proc, probe.encoder.grid, keep=0)[0]
-
 
 @torch.no_grad()
 def held_out_positions(predict, data, args, proc, grid, keep=20_000):
@@ -730,7 +674,6 @@ def held_out_positions(predict, data, args, proc, grid, keep=20_000):
     pictured = {k: (torch.cat(p)[:keep], torch.cat(t)[:keep]) for k, (p, t) in kept.items() if p}
     return results, pictured
 
-
 def position_scores(probs, true_pos, grid):
     """probs: (M, N), only the argmax counts; true_pos: (M,) long, same device; grid: (h, w).
     Floats: top1, within1 (Chebyshev distance <= 1) as fractions, distance as mean Euclidean
@@ -746,22 +689,17 @@ def position_scores(probs, true_pos, grid):
               pre + "distance": d.norm(dim=1).mean().item()}
     return s
 
-
 def chance_of_grid(grid, name):
     """What a uniform guess over the grid scores, under held_out_positions' names."""
     s = position_scores(torch.zeros(1, grid[0] * grid[1]), torch.zeros(1, dtype=torch.long), grid)
     return {f"{name}_top1": 100 * s["chance_top1"], f"{name}_within1": 100 * s["chance_within1"],
             f"{name}_distance": s["chance_distance"]}
 
-
 ##############################################################################################
 # Part II: what keeps runs safe, and the tools around the loop
 ##############################################################################################
 
-
-# ============================================================================================
-# 6. The command line: each flag's facts in one place, the recipes as data
-# ============================================================================================
+# 6. The command line: each flag's facts in one place, the recipes as data =========================
 
 DATASETS = {"cifar10": 32, "cifar100": 32, "imagefolder": 224, "synthetic": 32}  # image size
 # What a command does: the flag that chose it (at most one), else pre-training.
@@ -793,18 +731,15 @@ RECIPES = {
               "probe": dict(blr=1e-2, weight_decay=0.0)},  # MAE: LARS, batch 16384; AdamW here
 }
 
-
 def recipe(name, mode):
     """What --recipe `name` sets in `mode`: flag defaults and switches (probes share a column,
     --benchmark reads pre-training's)."""
     column = "probe" if mode.endswith("probe") else "pretrain" if mode == "benchmark" else mode
     return {**RECIPES[name].get("every mode", {}), **RECIPES[name].get(column, {})}
 
-
 def switch(recipe_name, mode, key):
     """One of the recipe's SWITCHES for a mode."""
     return recipe(recipe_name, mode).get(key, SWITCHES[key])
-
 
 def number(kind, low, high=math.inf, low_in=True, high_in=False):
     """An argparse type: a `kind` in the range (NaN fails every comparison, so it is refused)."""
@@ -818,22 +753,18 @@ def number(kind, low, high=math.inf, low_in=True, high_in=False):
     parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
     return parse
 
-
 def path(text):
     """An argparse type for a path: '' would be the current folder, never what is meant."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"must name a file or folder, got {text!r}")
     return text
 
-
 def checkpoint(text):
     """An argparse type for a checkpoint flag: a file, or a run's folder for its checkpoint.pt."""
     inside = Path(path(text), "checkpoint.pt")
     return str(inside) if text not in ("scratch", "random") and inside.is_file() else text
 
-
 COUNT, NATURAL = number(int, 1), number(int, 0)
-
 
 def SIZE(text):  # a COUNT that can be a tensor's side: torch fails on larger ones with a TypeError
     v = COUNT(text)
@@ -841,16 +772,13 @@ def SIZE(text):  # a COUNT that can be a tensor's side: torch fails on larger on
         raise argparse.ArgumentTypeError(f"must be < 2147483648, got {text}")
     return v
 
-
 SIZE.__name__ = "int"
 SHARE, POSITIVE, NONNEGATIVE = number(float, 0, 1), number(float, 0, low_in=False), number(float, 0)
-
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # a typo is bad input like any other: one line, exit code 2
         message = re.sub(r"^argument (\S+): must", r"\1 must", message)  # from `number`
         raise UserError(f"{message} (see --help)")
-
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help shows each flag's default, where it has one, and the default --recipe paper gives."""
@@ -866,7 +794,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if paper and action.help.endswith(")"):  # a default written into the help: "(default: ...)"
             return f"{action.help[:-1]}{paper})"
         return action.help + (f" ({paper[2:]})" if paper else "")
-
 
 def build_parser():
     """Every flag once: its group, type (whose range it checks), default and help, the modes it
@@ -997,11 +924,9 @@ def build_parser():
     add("--bench-warmup", "untimed steps first", {"benchmark"}, type=NATURAL, default=3)
     return p
 
-
 FLAGS = {a.dest: a for a in build_parser()._actions if a.dest != "help"}
 FREE_ON_RESUME = {name for name, a in FLAGS.items() if a.free}
 ENCODER_SHAPE = tuple(name for name, a in FLAGS.items() if a.shape)
-
 
 def parse_args(argv=None):
     """The run's flags: the command line checked and completed or, with --resume, the flags the
@@ -1017,21 +942,17 @@ def parse_args(argv=None):
     complete_args(args, given)
     return args
 
-
 def flag(name):
     return "--" + name.replace("_", "-")
-
 
 def mode_of(args):
     """'pretrain', or the mode flag given: 'finetune', 'evaluate', 'location_probe', ..."""
     return next((m for m in MODES if getattr(args, m, None)), "pretrain")
 
-
 def source_of(args):
     """The checkpoint the mode starts from; None for pre-training, scratch and random weights."""
     path = getattr(args, mode_of(args), None)
     return path if isinstance(path, str) and path not in ("scratch", "random") else None
-
 
 def check_mode_flags(args, given):
     """Refuse flags that cannot apply to what was asked for, rather than ignore them."""
@@ -1054,13 +975,11 @@ def check_mode_flags(args, given):
         raise UserError(f"--model does not apply with {flag(mode)} CHECKPOINT: the encoder's "
                         f"shape comes from the checkpoint")
 
-
 def check_dataset_flags(given, dataset):
     for name in sorted(given):
         datasets = FLAGS[name].datasets
         if datasets and dataset not in datasets:
             raise UserError(f"{flag(name)} applies only with --dataset {' or '.join(datasets)}")
-
 
 def complete_args(args, given):
     """Fill the defaults that depend on other flags; a checkpoint decides the encoder."""
@@ -1084,7 +1003,6 @@ def complete_args(args, given):
     if args.output_dir is None:
         args.output_dir = str(Path("runs") / default_run_name(args))
 
-
 def first_image_size(args):
     """(width, height) of the first image of an ImageFolder --data-dir; None when there is none."""
     if args.dataset != "imagefolder" or not Path(args.data_dir).is_dir():
@@ -1097,7 +1015,6 @@ def first_image_size(args):
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
                 continue
     return None
-
 
 def check_heads(args, given):
     """A typed --heads that splits a preset's width differently from that preset is most likely a
@@ -1112,10 +1029,8 @@ def check_heads(args, given):
         warn(f"--heads {heads} splits width {dim} into heads of {dim // heads}; "
              f"ViT-{preset.title()} (width {dim}) has {theirs} of {dim // theirs}")
 
-
 def default_workers(device):
     return 8 if torch.cuda.is_available() and device != "cpu" else 0
-
 
 def default_run_name(args):
     """Different runs get different default folders: fine-tuning from scratch, from one
@@ -1131,11 +1046,7 @@ def default_run_name(args):
     return (name + (f"-{args.recipe}" if args.recipe != "laptop" else "")
             + (f"-seed{args.seed}" if args.seed else ""))
 
-
-# ============================================================================================
-# 7. Checkpoints from anywhere
-# ============================================================================================
-
+# 7. Checkpoints from anywhere =====================================================================
 
 def load_checkpoint(path):
     """torch.load under weights_only: no file runs code; MAE's pickled Namespace of args passes."""
@@ -1159,7 +1070,6 @@ def load_checkpoint(path):
                f"is corrupt, truncated or not a checkpoint ({type(e).__name__})")
         raise UserError(f"checkpoint {str(path)!r} {why}") from None
 
-
 class Imported(NamedTuple):
     model: dict         # our DropPos key names: encoder.*, maybe mask_pos_token and decoder.*
     source: str         # the layout, for messages
@@ -1169,7 +1079,6 @@ class Imported(NamedTuple):
     arch: dict          # what the file's arch name tells (arch_facts), {} without one
     extra: dict         # "ignored" / "missing" key prefixes, and facts from a Namespace
 
-
 NAMESPACE_FACTS = {"input_size": "img_size", "mask_ratio": "mask_ratio",  # MAE's args -> flags
                    "pos_mask_ratio": "pos_mask_ratio", "epochs": "epochs"}
 _ENCODER = ("cls_token", "pos_embed", "patch_embed", "blocks", "norm")  # timm's top-level names
@@ -1178,7 +1087,6 @@ _DECODER = {"decoder_embed": "decoder.embed", "decoder_blocks": "decoder.blocks"
 # (dim, depth, heads) of the ViT sizes; tiny is DeiT's, the others are in both repos' models.
 _SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
           "large": (1024, 24, 16), "huge": (1280, 32, 16)}
-
 
 def _rename(state):
     """timm / official DropPos key names -> ours.  -> (model, sorted prefixes of keys left out)."""
@@ -1197,7 +1105,6 @@ def _rename(state):
         model.update({f"encoder.norm.{k}": state[f"fc_norm.{k}"] for k in ("weight", "bias")})
         ignored.discard("fc_norm")
     return model, sorted(ignored)
-
 
 def import_state(obj, path):
     """What load_checkpoint returned -> Imported; UserError for a layout this cannot place."""
@@ -1242,7 +1149,6 @@ def import_state(obj, path):
     arch = arch_facts(name) if isinstance(name, str) else {}
     return Imported(model, source, args, mode, epoch, arch, facts)
 
-
 def encoder_shape(model):
     """Sizes an Imported.model's tensors tell (heads: None); pos_embed "sincos" if MAE's fixed."""
     proj, pos = model["encoder.patch_embed.proj.weight"], model["encoder.pos_embed"]
@@ -1269,7 +1175,6 @@ def encoder_shape(model):
                      decoder_heads=None, num_positions=len(model["decoder.head.weight"]))
     return shape
 
-
 def resize_pos_embed(pos, grid, kind):
     """pos (1, 1+s*s, D) -> (1, 1+h*w, D) for grid (h, w), [CLS] kept; "sincos" is recomputed, as
     resizing would stretch its frequencies, "learnable" resized as MAE's interpolate_pos_embed."""
@@ -1283,7 +1188,6 @@ def resize_pos_embed(pos, grid, kind):
         patches = patches.flatten(2).transpose(1, 2).to(pos.dtype)  # (1, h*w, D)
     return torch.cat([pos[:, :1], patches], dim=1)
 
-
 def arch_facts(name):
     """Sizes an arch name such as "DropPos_mae_vit_base_patch16_dec512d2b" tells, else {}."""
     m = re.fullmatch(r"(DropPos_)?(mae_)?vit_(\w+?)_patch(\d+)(?:_dec(\d+)d(\d+)b)?", name)
@@ -1294,17 +1198,14 @@ def arch_facts(name):
         facts.update(decoder_dim=int(m[5] or 512), decoder_depth=int(m[6] or 8), decoder_heads=16)
     return facts
 
-
 @functools.lru_cache(maxsize=2)
 def _imported(path, stamp):  # stamp: the mtime, so a file written anew is read anew
     return import_state(load_checkpoint(path), path)
-
 
 def imported(path):
     """The checkpoint at path in our key names, read once (parse and build both need it)."""
     p = Path(path)
     return _imported(str(p), p.stat().st_mtime_ns if p.is_file() else None)
-
 
 def take_encoder_shape(args, given):
     """The checkpoint's encoder shape (run flags, arch name, tensors) into args: each mode uses it
@@ -1348,7 +1249,6 @@ def take_encoder_shape(args, given):
     if done is not None and total and done < total:
         warn(f"{path!r} is an unfinished run: {done} of its {total} epochs were done")
 
-
 def source_line(args):
     """' from PATH (layout, epoch E of T)' for the start-up line; ' from random weights' etc."""
     path = source_of(args)
@@ -1360,7 +1260,6 @@ def source_line(args):
     total = (imp.args or imp.extra).get("epochs")
     epoch = "" if imp.epoch is None else f", epoch {imp.epoch}" + (f" of {total}" if total else "")
     return f" from {path} ({imp.source}{epoch})"
-
 
 def build_encoder(args, drop_path=0.0):
     """The ViT of args' shape, with the weights of the mode's checkpoint unless it has none or a
@@ -1375,13 +1274,11 @@ def build_encoder(args, drop_path=0.0):
         load_encoder(encoder, args)
     return encoder
 
-
 def build_classifier(args, num_classes):
     """The checkpoint's encoder (its shape is in args by now, see `take_encoder_shape`) under a
     fresh head; on --resume the weights come from the fine-tuning checkpoint instead."""
     return Classifier(build_encoder(args, args.drop_path), num_classes,
                       switch(args.recipe, "finetune", "mae_head"))
-
 
 def load_encoder(encoder, args):
     """The checkpoint's encoder into `encoder`, its position embedding resized to its grid."""
@@ -1392,15 +1289,10 @@ def load_encoder(encoder, args):
     state["pos_embed"] = resize_pos_embed(state["pos_embed"], encoder.grid, kind)
     load_state(encoder, state, f"the encoder in {path!r}")
 
-
-# ============================================================================================
-# 8. The run folder: one live run, whole files, exact resume
-# ============================================================================================
-
+# 8. The run folder: one live run, whole files, exact resume =======================================
 
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "encoder.pt", "reassembly.png", "curves.png",
              "evaluation.json")  # what a run or an evaluation writes in its folder
-
 
 def resumed_args(args, given):
     """The rule of --resume, applied here: the run goes on with the flags it was started with; a
@@ -1427,7 +1319,6 @@ def resumed_args(args, given):
     merged.output_dir, merged.resume = folder, str(path)
     return merged
 
-
 def checkpoint_path(resume):
     """The checkpoint --resume names; a folder without one is explained, not just 'missing'."""
     path = Path(resume)
@@ -1443,10 +1334,8 @@ def checkpoint_path(resume):
         raise UserError(stopped_before_a_checkpoint(path))
     raise UserError(f"{str(path)!r} holds no run (no checkpoint.pt)")
 
-
 CHECKPOINT_KEYS = ("mode", "args", "model", "optimizer", "epoch", "step_in_epoch", "ranks",
                    "metrics_rows", "n_train")
-
 
 def load_training_checkpoint(path):
     ck = load_checkpoint(path)
@@ -1457,7 +1346,6 @@ def load_training_checkpoint(path):
     check_run_flags(ck["args"], path)
     return ck
 
-
 def check_run_flags(saved, path):
     """A train.py checkpoint's flags are values the parser could have given: a file edited by
     hand or by another program is refused by name here, not met later as a traceback."""
@@ -1465,7 +1353,6 @@ def check_run_flags(saved, path):
         if not takes(name, saved[name]):
             raise UserError(f"checkpoint {str(path)!r} records {flag(name)} {saved[name]!r}, which "
                             "train.py cannot take: the file was changed after train.py wrote it")
-
 
 def takes(name, v):
     """Whether the parser could have given flag `name` the value v (None only as its default)."""
@@ -1480,14 +1367,12 @@ def takes(name, v):
     except (ValueError, argparse.ArgumentTypeError):
         return False
 
-
 def load_state(module, state, what):
     try:
         module.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
         detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
         raise UserError(f"{what} does not match this model: {detail}") from None
-
 
 def atomic_write(path, write):
     """Write a file whole or not at all: a temporary file beside it, flushed and fsync'ed, then
@@ -1504,13 +1389,11 @@ def atomic_write(path, write):
         raise UserError(f"could not write {str(path)!r}: {e.strerror or e}; the previous "
                         f"version, if any, is intact") from None
 
-
 def readable_state(path, keys):
     try:
         return torch.load(path, map_location="cpu", weights_only=True).keys() == keys
     except Exception:
         return False
-
 
 def readable_png(path):
     try:
@@ -1519,7 +1402,6 @@ def readable_png(path):
         return True
     except Exception:
         return False
-
 
 def write_pretraining_files(task, folder, only_broken=False):
     """encoder.pt (timm's key names) and reassembly.png; with only_broken, just those that
@@ -1537,7 +1419,6 @@ def write_pretraining_files(task, folder, only_broken=False):
         save_reassembly(task.model, task.vis_imgs, png, task.proc, beliefs)
         written.append(png.name)
     return written
-
 
 class FolderLock:
     """A live run owns its folder: rank 0 holds `.lock` in it with flock(2) while the run lives.
@@ -1612,7 +1493,6 @@ class FolderLock:
         os.close(self.fd)  # closing drops the lock
         self.fd = None
 
-
 def row_before(line, epochs_done, steps_done):
     """Whether a metrics.jsonl line is a whole row written before the checkpoint taken there."""
     try:
@@ -1621,13 +1501,11 @@ def row_before(line, epochs_done, steps_done):
     except (ValueError, KeyError, TypeError, AttributeError):  # half a row, or not one
         return False
 
-
 def stopped_before_a_checkpoint(folder):
     """What a folder whose run died before its first checkpoint holds (no live run is there)."""
     return (f"{str(folder)!r} holds no checkpoint: its run stopped before it wrote the first one "
             f"(at the end of epoch 1), so there is nothing to resume; delete the folder to start "
             f"over there, or choose another --output-dir")
-
 
 def live_owner(folder):
     """Who holds `folder`'s lock: its pid and command, or None when no live process does."""
@@ -1647,7 +1525,6 @@ def live_owner(folder):
         return "a process that is starting up"
     finally:
         os.close(fd)
-
 
 class RunFolder:
     """Everything exact resume needs, in one place. A checkpoint pairs names with the objects
@@ -1689,9 +1566,9 @@ class RunFolder:
         if was != now and self.proc.rank == 0:
             warn(f"the run trained in {was} so far and goes on in {now} "
                  f"({self.proc.precision_why}); pass --precision {was} to keep it")
-        if self.proc.rank == 0 and self.epoch < self.args.epochs:
-            print(f"resumed {here!r} at epoch {self.epoch + 1} step {self.step} "
-                  f"({self.args.epochs} epochs in all)", flush=True)
+        if self.epoch < self.args.epochs:
+            say(f"resumed {here!r} at epoch {self.epoch + 1} step {self.step} "
+                f"({self.args.epochs} epochs in all)")
 
     def first_step(self, epoch):
         """Where `epoch` starts: a resumed epoch goes on where it stopped."""
@@ -1749,7 +1626,7 @@ class RunFolder:
         die of that signal; a non-finite loss: stop without saving, naming the last good one."""
         if why == "interrupted":
             self.save(epoch, step)
-            self.say(f"\ninterrupted: saved {self.checkpoint} in epoch {epoch + 1} after step "
+            say(f"\ninterrupted: saved {self.checkpoint} in epoch {epoch + 1} after step "
                      f"{step}; continue with: python train.py --resume {self.folder}", err=True)
             raise SystemExit(128 + (signum or signal.SIGINT))
         last = (f"the last good checkpoint is {self.checkpoint}" if self.checkpoint.exists()
@@ -1768,20 +1645,12 @@ class RunFolder:
             log.draw_curves(self.task.chance())
             rewritten.append("curves.png")
         n = self.args.epochs
-        self.say(f"the run in {self.folder} is complete ({n} epoch{'s' * (n > 1)})"
+        say(f"the run in {self.folder} is complete ({n} epoch{'s' * (n > 1)})"
                  + (f"; rewrote {', '.join(rewritten)}" if rewritten else
                     "" if self.lost else "; its files are intact"))
         return self.task.model
 
-    def say(self, line, err=False):
-        if self.proc.rank == 0:
-            print(line, file=sys.stderr if err else sys.stdout, flush=True)
-
-
-# ============================================================================================
-# 9. Processes and devices: torchrun, precision, stopping together
-# ============================================================================================
-
+# 9. Processes and devices: torchrun, precision, stopping together =================================
 
 class Proc(NamedTuple):
     """This process: rank and world size under torchrun (0 and 1 alone), device, precision."""
@@ -1791,7 +1660,6 @@ class Proc(NamedTuple):
     device: torch.device
     precision: str
     precision_why: str = "asked for"
-
 
 def start_processes(args):
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -1809,7 +1677,6 @@ def start_processes(args):
         proc = proc._replace(precision="fp32")
     return proc
 
-
 def pick_device(name, local_rank):
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but no CUDA GPU is available (use --device "
@@ -1817,7 +1684,6 @@ def pick_device(name, local_rank):
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
-
 
 def pick_precision(name, device):
     """--precision auto, decided by what the hardware is, never by a timing race: bf16 autocast on
@@ -1832,7 +1698,6 @@ def pick_precision(name, device):
                      "avx512_bf16/amx_bf16 in the CPU flags")
     return ("bf16" if fast else "fp32"), f"auto: {'' if fast else 'no '}{why}"
 
-
 def cpu_flags():
     """The CPU's feature flags as Linux reports them (empty elsewhere: fp32 is the safe default)."""
     try:
@@ -1841,7 +1706,6 @@ def cpu_flags():
                          for line in f if line.startswith("flags")), set())
     except OSError:
         return set()
-
 
 def wrap_model(model, args, proc):
     """The module the loop calls: compiled on request, under DistributedDataParallel (torchrun)."""
@@ -1852,10 +1716,8 @@ def wrap_model(model, args, proc):
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     return model
 
-
 def autocast(proc):
     return torch.autocast(proc.device.type, torch.bfloat16, enabled=proc.precision == "bf16")
-
 
 def agree(flag, proc):
     """Whether any process raised `flag`: one tiny all_reduce, so all of them decide alike."""
@@ -1864,7 +1726,6 @@ def agree(flag, proc):
     t = torch.tensor([float(flag)], device=proc.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item() > 0
-
 
 class StopRequest:
     """Ctrl-C and SIGTERM only set a flag, so a run stops between two steps, never half-way through
@@ -1909,11 +1770,7 @@ class StopRequest:
         bad, sig = status.tolist()
         return "non-finite" if bad else "interrupted" if sig else None
 
-
-# ============================================================================================
-# 10. Images: downloads, photos, synthetic ones, unreadable ones, odd set-ups, augmentation
-# ============================================================================================
-
+# 10. Images: downloads, photos, synthetic ones, unreadable ones, odd set-ups, augmentation ========
 
 class SyntheticImages(Dataset):
     """Offline images with spatial structure: a sky-to-ground luminance ramp, a left-to-right
@@ -1941,7 +1798,6 @@ class SyntheticImages(Dataset):
         img = img + 0.2 * stripes + 0.05 * torch.randn(3, s, s, generator=g)
         return v2.functional.to_pil_image(img.clamp(0, 1)), label
 
-
 def load_imagefolder(args):
     """--data-dir and, if given, --val-dir as ImageFolders, their kept classes checked to agree."""
     def folder(path, option):
@@ -1965,7 +1821,6 @@ def load_imagefolder(args):
                         f"{where} only ({len(only_one)} such)")
     return train, val
 
-
 def open_image(path):
     """ImageFolder's loader: the image as RGB or, when it cannot be decoded (truncated, empty, not
     an image), its path, so that the batch goes on without it and the warning can name it."""
@@ -1975,22 +1830,23 @@ def open_image(path):
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return str(path)
 
-
 WARNINGS = []  # said once the set-up has passed every check, just before the work starts
 _warned = set()  # unreadable images named so far: each is named once
-
 
 def warn(line):
     """A warning: the run goes on, but the user should know (rank 0 only, one line each)."""
     if int(os.environ.get("RANK", 0)) == 0:
         WARNINGS.append(f"warning: {line}")
 
+def say(line, err=False):
+    """A line from rank 0 on stdout (or stderr), written at once."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(line, file=sys.stderr if err else sys.stdout, flush=True)
 
 def say_warnings():
     if WARNINGS:
         print("\n".join(WARNINGS), file=sys.stderr, flush=True)
     WARNINGS.clear()
-
 
 def warn_unreadable(paths):
     for p in paths:
@@ -1998,13 +1854,11 @@ def warn_unreadable(paths):
             _warned.add(p)
             print(f"warning: skipped unreadable image {p}", file=sys.stderr, flush=True)
 
-
 def collate_readable(batch):
     """default_collate of the readable images.  -> images, labels, paths of the unreadable ones."""
     bad = [x for x, _ in batch if isinstance(x, str)]
     good = [item for item in batch if not isinstance(item[0], str)]
     return (*default_collate(good), bad) if good else (None, None, bad)
-
 
 class SeededTransform(Dataset):
     """Applies random augmentation seeded by (seed, epoch, index): an image's crop does not depend
@@ -2025,7 +1879,6 @@ class SeededTransform(Dataset):
             torch.default_generator.manual_seed(mix_seed(self.seed, self.epoch, i))
             return self.transform(img), label
 
-
 def train_transform(size, finetune=False, mae_augment=False):
     """Per-image augmentation, PIL image -> normalised float (3, size, size): RandomResizedCrop +
     flip. mae_augment (fine-tuning, --recipe paper) is MAE's build_transform (timm's, in timm's
@@ -2040,20 +1893,19 @@ def train_transform(size, finetune=False, mae_augment=False):
     erase = v2.RandomErasing(p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value="random")
     return v2.Compose([*crop, NoisyRandAugment(), v2.ToImage(), *to_float, erase])
 
-
 class NoisyRandAugment(nn.Module):
-    """timm's RandAugment 'rand-m9-mstd0.5-inc1' (MAE's --aa): torchvision's has no noisy levels."""
+    """timm's RandAugment 'rand-m9-mstd0.5-inc1' (MAE's --aa): each op's level drawn from
+    N(magnitude, std), clipped to [0, 10]; torchvision's levels are fixed."""
 
-    def __init__(self, num_ops=2, magnitude=9.0, magnitude_std=0.5, op_prob=0.5,
-                 fill=tuple(round(255 * m) for m in MEAN)):
+    num_ops, magnitude, magnitude_std, op_prob = 2, 9.0, 0.5, 0.5
+
+    def __init__(self):
         super().__init__()
-        self.num_ops, self.magnitude, self.magnitude_std = num_ops, magnitude, magnitude_std
-        self.op_prob = op_prob
         self.pil_op = v2.RandAugment(num_ops=1, num_magnitude_bins=101,  # bin k: level k/10
-                                     fill=list(fill), interpolation=v2.InterpolationMode.BICUBIC)
+                                     fill=[round(255 * m) for m in MEAN],
+                                     interpolation=v2.InterpolationMode.BICUBIC)
 
     def sample_bin(self):
-        """One op's magnitude bin: a level from N(magnitude, std), clipped to [0, 10], in tenths."""
         level = (self.magnitude + self.magnitude_std * torch.randn(())).clamp(0, 10)
         return int(torch.round(level * 10))
 
@@ -2064,12 +1916,10 @@ class NoisyRandAugment(nn.Module):
                 img = self.pil_op(img)
         return img
 
-
 def eval_crop_pct(args):
     """Share of the resized image that evaluation keeps: the whole square (laptop), or MAE's 224/256
     up to 224 px (paper), so 224 px images lose their border, as ImageNet evaluation does."""
     return switch(args.recipe, mode_of(args), "eval_crop") if args.img_size <= 224 else 1.0
-
 
 def eval_transform(size, crop_pct=1.0):
     """Resize the shorter side to int(size / crop_pct) (bicubic), centre-crop to size, normalise."""
@@ -2077,7 +1927,6 @@ def eval_transform(size, crop_pct=1.0):
                        antialias=True)
     return v2.Compose([v2.ToImage(), resize, v2.CenterCrop(size),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
-
 
 def decode_in_memory(dataset, size, limit_bytes=2 ** 31):
     """A CIFAR-size set as uint8 images (M, 3, size, size), labels (M,) and the paths of the
@@ -2105,7 +1954,6 @@ def decode_in_memory(dataset, size, limit_bytes=2 ** 31):
     warn_unreadable(bad)
     return images[:n], labels[:n], bad
 
-
 def load_cifar(args):
     """CIFAR-10/100 from --data-dir, downloaded there if absent. A failed download leaves nothing
     behind; an archive already there that fails its checksum is named as such."""
@@ -2130,7 +1978,6 @@ def load_cifar(args):
                         f"{args.data_dir!r} (or pass --data-dir), or use --dataset synthetic, "
                         "which works offline") from None
 
-
 def warn_about_classes(data):
     """Set-ups that train without complaint but are almost certainly not what was meant."""
     names = (getattr(data.train.dataset, "classes", None)
@@ -2148,11 +1995,7 @@ def warn_about_classes(data):
              "--data-dir should be the training split itself, e.g. --data-dir "
              f"{Path(data.args.data_dir) / splits[-1]}")
 
-
-# ============================================================================================
-# 11. --evaluate
-# ============================================================================================
-
+# 11. --evaluate ===================================================================================
 
 def evaluate(args):
     """--evaluate: score a checkpoint, training nothing. With a position head: position top-1,
@@ -2198,10 +2041,7 @@ def evaluate(args):
     if stop.signalled:
         raise SystemExit(128 + stop.signalled)
 
-
-# ============================================================================================
-# 12. Pictures: reassembly.png, the head's beliefs, curves.png
-# ============================================================================================
+# 12. Pictures: reassembly.png, the head's beliefs, curves.png =====================================
 
 GIVEN, CORRECT, CLASH = (0, 200, 0), (255, 200, 0), (230, 0, 0)  # cell borders in reassembly.png
 LEGEND = ("green: position given  ·  yellow: patch in its true cell  ·  "
@@ -2211,7 +2051,6 @@ CELL, PAD = 16, 8  # px per cell of maps A and B, px margin
 ORIGIN = (PAD, 68)  # top left of map A; map B starts (h + 2) * CELL to its right
 TRUE, ARGMAX, EMPTY = (0, 220, 255), (0, 200, 0), 200 / 255  # cyan, green, grey: no data
 SKIP = {"epoch", "step", "summary", "skipped_images", "elapsed_s", "images_per_sec", "best_top1"}
-
 
 def picture_images(data):
     """8 held-out images for reassembly.png, spread over the set: folders list their images
@@ -2227,12 +2066,10 @@ def picture_images(data):
             break
     return torch.stack(imgs) if imgs else None
 
-
 def denormalize(imgs):
     """Inverse of `normalize`, clamped to [0, 1] for display."""
     mean, std = (torch.tensor(v, device=imgs.device).view(3, 1, 1) for v in (MEAN, STD))
     return (imgs * std + mean).clamp(0, 1)
-
 
 def save_reassembly(model, imgs, path, proc, beliefs=None):
     """reassembly.png: 8 held-out images (ImageNet-normalised) as the model puts them back, the
@@ -2263,7 +2100,6 @@ def save_reassembly(model, imgs, path, proc, beliefs=None):
         picture.paste(below, (0, pic.height))
     atomic_write(path, lambda f: picture.save(f, format="PNG"))
 
-
 def reassembly_rows(pixels, ids_keep, dropped, probs, weights, grid, patch_size):
     """The picture's rows as images (B, 3, H, W) in [0, 1], and the cells the drawing marks.
     pixels (B, 3, H, W) in [0, 1]; ids_keep, dropped (B, n); probs (B, n, N); weights (B, N)."""
@@ -2288,7 +2124,6 @@ def reassembly_rows(pixels, ids_keep, dropped, probs, weights, grid, patch_size)
                 correct=(ids_keep.gather(1, winner) == cells) & (count > 0),  # (B, N)
                 collisions=[[(c, k) for c, k in enumerate(ks) if k > 1] for ks in count.tolist()])
     return {k: unpatchify(v, patch_size, grid).clamp(0, 1) for k, v in rows.items()}, info
-
 
 def draw_reassembly(rows, info, scale, labels, caption):
     """Enlarge the rows (nearest neighbour), label them at the left, mark cells, caption on top."""
@@ -2320,17 +2155,14 @@ def draw_reassembly(rows, info, scale, labels, caption):
             draw.text((x + 1, y + 1), str(n), fill="white", font=small, anchor="lt")
     return canvas
 
-
 def heat(t):
     """(...) in [0, 1] -> (..., 3) floats: black -> red -> yellow -> white."""
     return torch.stack([3 * t, 3 * t - 1, 3 * t - 2], -1).clamp(0, 1)
-
 
 def to_pil(rgb, cell=1):
     """(H, W, 3) floats in [0, 1] -> PIL image, each pixel enlarged to a `cell` px square."""
     img = Image.fromarray(rgb.mul(255).round().byte().cpu().numpy())
     return img.resize((img.width * cell, img.height * cell), Image.NEAREST)
-
 
 def row_col_beliefs(probs, true_pos, grid):
     """(h, h) and (w, w): [i, j] is the mean mass put on row (column) j by the patches whose true
@@ -2342,7 +2174,6 @@ def row_col_beliefs(probs, true_pos, grid):
         total = mass.new_zeros(n, n).index_add_(0, true, mass)  # (n, n) mass per true line
         out.append(total / torch.bincount(true, minlength=n)[:, None])  # 0 / 0 = NaN: no patches
     return tuple(out)
-
 
 def draw_beliefs(probs, true_pos, grid, examples=4):
     """probs: (M, N) predicted distributions, true_pos: (M,) long, grid: (h, w) -> RGB image.
@@ -2391,10 +2222,8 @@ def draw_beliefs(probs, true_pos, grid, examples=4):
     box = ImageChops.invert(img).getbbox()  # the drawn part: not white
     return img.crop((0, 0, box[2] + PAD, box[3] + PAD))
 
-
 def finite(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
 
 def steps_per_epoch(progress, summaries):
     """train.py logs each epoch's last step, so the first summarised epoch e ends at its largest
@@ -2402,7 +2231,6 @@ def steps_per_epoch(progress, summaries):
     done = {r["epoch"] for r in progress} & {r["epoch"] for r in summaries} - {0}
     rs = [r for r in progress if r["epoch"] == min(done)] if done else progress
     return max([r["step"] for r in rs], default=1) / max([r["epoch"] for r in rs] + [1]) or 1.0
-
 
 def draw_curves(rows, chance=None, columns=3):
     """metrics.jsonl rows (list of dicts) -> RGB image: a panel per numeric key over epochs, a
@@ -2451,10 +2279,10 @@ def draw_curves(rows, chance=None, columns=3):
                 d.ellipse([x - r, y - r, x + r, y + r], fill=colour)
     return img
 
+# 13. Logging ======================================================================================
 
-# ============================================================================================
-# 13. Logging
-# ============================================================================================
+def hms(seconds):
+    return timedelta(seconds=int(seconds))  # prints as 0:01:40
 
 
 class Logger:
@@ -2478,10 +2306,6 @@ class Logger:
         self.elapsed_before = elapsed_before  # earlier sittings of this run, up to its checkpoint
         self.imgs_since, self.timed, self.clock = 0, False, None
 
-    def header(self, line):
-        if self.proc.rank == 0:
-            print(line, flush=True)
-
     def step(self, epoch, step, loss, acc, n_imgs, lr, extra):
         """Count one step (epoch from 0, step from 1 within it); write a line when one is due."""
         loss, acc = float(loss.detach()), float(acc)  # `acc` never needs a gradient
@@ -2502,13 +2326,11 @@ class Logger:
                     self.acc_key: 100 * acc_mean, "lr": lr, **extra, "images_per_sec": ips},
                    f"epoch {epoch + 1}/{self.epochs}  step {step}/{self.steps_per_epoch}  "
                    f"loss {loss_mean:.4f}  {self.acc_name} {100 * acc_mean:.2f}%  lr {lr:.2e}  "
-                   f"{fields}{ips:.0f} img/s  left "
-                   f"{fmt_time((self.total_steps - done) * per_step)}")
+                   f"{fields}{ips:.0f} img/s  left {hms((self.total_steps - done) * per_step)}")
         if not self.timed and done - self.clock[1] >= 5:
             self.timed, left = True, self.total_steps - self.first_step
-            self.header(f"timed {done - self.clock[1]} steps after the first: {per_step:.2f} "
-                        f"s/step, so the {left} steps left take about "
-                        f"{fmt_time(per_step * left)} (plus evaluation)")
+            say(f"timed {done - self.clock[1]} steps after the first: {per_step:.2f} s/step, so "
+                f"the {left} steps left take about {hms(per_step * left)} (plus evaluation)")
         self.sums, self.t_last, self.imgs_since = [0.0, 0.0, 0], now, 0
 
     def epoch_summary(self, epochs_done, results, left_out):
@@ -2526,7 +2348,7 @@ class Logger:
                     self.acc_key: 100 * acc_mean, **results, "skipped_images": left_out,
                     "elapsed_s": elapsed},
                    f"== epoch {epochs_done}/{self.epochs} done  loss {loss_mean:.4f}  "
-                   f"{self.acc_name} {100 * acc_mean:.2f}%{extra}  elapsed {fmt_time(elapsed)}")
+                   f"{self.acc_name} {100 * acc_mean:.2f}%{extra}  elapsed {hms(elapsed)}")
 
     def draw_curves(self, chance):
         """curves.png from metrics.jsonl: a run's learning curves, redrawn after every epoch."""
@@ -2559,23 +2381,13 @@ class Logger:
         if self.file is not None:
             os.fsync(self.file.fileno())
 
-
-def fmt_time(s):
-    s = int(s)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-# ============================================================================================
-# 14. Benchmark
-# ============================================================================================
-
+# 14. Benchmark ====================================================================================
 
 def clock(device):
     """time.perf_counter() once the device has done the work queued so far: what timing needs."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
 
 def matmul_flops(device, dtype):
     """Measured FLOP/s of large square matmuls: the peak a training step can hope for."""
@@ -2593,7 +2405,6 @@ def matmul_flops(device, dtype):
         a @ b
     return 2 * n ** 3 * reps / (clock(device) - t)
 
-
 def droppos_flops(cfg):
     """Model FLOPs of one pre-training image, counted analytically (matmuls only): per token
     2·in·out for a linear layer, 4·n·D for attention (QKᵀ, AV), so a block on n tokens
@@ -2607,7 +2418,6 @@ def droppos_flops(cfg):
     decoder = 2 * n * D * Dd + cfg["decoder_depth"] * block(n, Dd) + 2 * (n - 1) * Dd * N
     attentive = cfg["depth"] * block(N + 1, D) + 2 * N * patch_in * D
     return 3 * (encoder + decoder) + (attentive if cfg["attentive"] else 0)
-
 
 def benchmark(args):
     """Time training steps after warm-up on an in-memory batch, then with the data stream."""
@@ -2663,7 +2473,6 @@ def benchmark(args):
     say_warnings()  # on stderr: stdout is the one JSON line
     print(json.dumps(result), flush=True)
 
-
 def bench_with_data(args, step, proc):
     """Images/s of the same step fed by the training stream (load, augment, move to the device),
     rounded; None when the stream ran out before a step could be timed."""
@@ -2677,11 +2486,7 @@ def bench_with_data(args, step, proc):
         n += 0 if t is None else len(imgs)
     return round(n / (clock(proc.device) - t), 1) if n else None
 
-
-# ============================================================================================
-# 15. The command, start to end
-# ============================================================================================
-
+# 15. The command, start to end ====================================================================
 
 def main(argv=None):
     """What the command asks for: train, evaluate or benchmark. Bad input is one line, exit 2."""
@@ -2709,7 +2514,6 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     try:
