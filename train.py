@@ -32,7 +32,6 @@ import sys
 import textwrap
 import threading
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -1845,7 +1844,7 @@ def say(line, err=False):
 
 def say_warnings():
     if WARNINGS:
-        print("\n".join(WARNINGS), file=sys.stderr, flush=True)
+        say("\n".join(WARNINGS), err=True)
     WARNINGS.clear()
 
 def warn_unreadable(paths):
@@ -2281,8 +2280,9 @@ def draw_curves(rows, chance=None, columns=3):
 
 # 13. Logging ======================================================================================
 
-def hms(seconds):
-    return timedelta(seconds=int(seconds))  # prints as 0:01:40
+def hms(s):  # 0:01:40; hours go on past a day, where timedelta would print "1 day, ..."
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 class Logger:
