@@ -1187,6 +1187,19 @@ def test_ctrl_c_mid_epoch_saves_then_dies_of_sigint_without_traceback_and_resume
 
 
 @slow
+def test_ctrl_c_while_torch_loads_ends_the_command_quietly(tmp_path):
+    proc = _start_train(TRAIN_TINY + ["--epochs", 1, "--output-dir", tmp_path / "run"], tmp_path)
+    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.time() + SUBPROCESS_TIMEOUT
+    while "torch" not in maps.read_text() and time.time() < deadline:  # `import torch` has begun
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _wait(proc)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode in (-signal.SIGINT, 128 + signal.SIGINT) and "Traceback" not in stderr, stderr
+    assert not (tmp_path / "run").exists()
+
+
+@slow
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     # The loss turns NaN in the middle of epoch 2: the run stops there with one line, and the
     # checkpoint of epoch 1 is what stays.
@@ -1364,6 +1377,23 @@ def test_the_location_probe_learns_positions_that_are_there_and_cannot_invent_th
                 head, _, dropped = probe(colour_coded_batch())
             accs[shuffled] = (head.argmax(-1) == torch.arange(16))[dropped].float().mean().item()
     assert accs[False] > 0.9 and abs(accs[True] - 1 / 16) < 0.06, accs
+
+
+def test_location_probe_ratios_that_drop_no_position_are_one_line(tmp_path, capsys):
+    probe = SCRATCH_TINY + ["--location-probe", "random", "--output-dir", tmp_path / "out"]
+    for ratio, phrase in [("0", "must be in (0, 1]"), ("5", "must be in (0, 1]"), ("nan", "must be in (0, 1]"),
+                          ("1e-20", "drops none of the 64 positions")]:  # 1 - 1e-20 == 1.0
+        assert phrase in _fails(probe + ["--pos-mask-ratio", ratio], capsys), ratio
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_location_probe_that_drops_every_position_reports_no_control(tmp_path):
+    # No patch keeps its embedding, so the control has nothing to score: no NaN rows, no key.
+    _train_in_process(SCRATCH_TINY + ["--location-probe", "random", "--pos-mask-ratio", "1", "--epochs", "1",
+                                      "--output-dir", tmp_path])
+    summary = [r for r in _metrics(tmp_path / "metrics.jsonl") if r.get("summary")][-1]
+    assert "probe_top1" in summary and not any(k.startswith("control") for k in summary)
+    assert all(math.isfinite(v) for v in summary.values() if isinstance(v, float))
 
 
 @slow
@@ -1815,7 +1845,9 @@ def test_sizes_the_patch_size_does_not_divide_and_impossible_ratios_are_one_line
     out = ["--output-dir", tmp_path / "out", "--epochs", "1"]
     for extra, phrase in [(["--patch-size", "5"], "multiple of patch_size"),
                           (["--img-size", "30", "--patch-size", "4"], "multiple of patch_size"),
-                          (["--mask-ratio", "1.0"], "mask_ratio"), (["--pos-mask-ratio", "0"], "pos_mask_ratio"),
+                          (["--mask-ratio", "1.0"], "--mask-ratio must be in [0, 1)"),
+                          (["--mask-ratio", "0.99"], "mask_ratio must be in [0, 1) and leave at least one"),
+                          (["--pos-mask-ratio", "0"], "--pos-mask-ratio must be in (0, 1]"),
                           (["--dim", "30"], "multiple of 4"), (["--heads", "3"], "multiple of the number of heads"),
                           (["--tau", "0"], "tau must be > 0")]:
         assert phrase in _fails(TRAIN_TINY + extra + out, capsys), extra
@@ -2472,6 +2504,16 @@ def test_mae_pixel_decoder_is_ignored_not_mapped_to_position_head(tmp_path):
     assert same(got.model, encoder_part(sd)) and got.source == "MAE encoder"
     assert got.extra["ignored"] == ["decoder_blocks", "decoder_embed", "decoder_norm",
                                     "decoder_pos_embed", "decoder_pred", "mask_token"]
+
+
+def test_a_position_head_that_does_not_fit_the_grid_is_named_as_left_out(tmp_path):
+    bad = official(tiny_state())  # 16 cells, and a head for 15 (not MAE's 48 pixels either)
+    bad["decoder_pred.weight"], bad["decoder_pred.bias"] = torch.zeros(15, 32), torch.zeros(15)
+    torch.save({"state_dict": bad, "epoch": 1}, tmp_path / "x.pt")
+    args = argparse.Namespace(finetune=str(tmp_path / "x.pt"), resume=None, benchmark=False, evaluate=None,
+                              location_probe=None, linear_probe=None)
+    assert train.source_line(args).endswith(
+        "(official DropPos checkpoint, epoch 1; left out: decoder_blocks, decoder_embed, decoder_norm, decoder_pred)")
 
 
 def test_a_global_pool_classifier_without_the_encoders_norm_lends_it_its_fc_norm(tmp_path):

@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch loads: nothing begun, end
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -254,6 +257,8 @@ class LocationProbe(FrozenEncoder):
         self.encoder = encoder.requires_grad_(False)
         N = encoder.num_patches
         self.n_drop = N - int(N * (1 - pos_mask_ratio))
+        if self.n_drop < 1:  # 1 - 1e-20 == 1.0
+            raise UserError(f"--pos-mask-ratio {pos_mask_ratio} drops none of the {N} positions")
         self.mask_vector = nn.Parameter(torch.zeros(1, 1, encoder.dim))
         self.head, self.control = nn.Linear(encoder.dim, N), nn.Linear(encoder.dim, N)
 
@@ -656,8 +661,8 @@ def held_out_positions(predict, data, args, proc, grid, keep=20_000):
             for name, (logits, true, scored) in groups.items():
                 probs, true = logits[scored].float().softmax(-1), true[scored]
                 s = position_scores(probs, true, grid)
-                s = torch.tensor([s["top1"], s["within1"], s["distance"], 1.0]) * len(true)
-                sums[name] = sums.get(name, 0) + s  # weighted by the patches scored
+                s = torch.tensor([s["top1"], s["within1"], s["distance"], 1.0]).nan_to_num()
+                sums[name] = sums.get(name, 0) + s * len(true)  # weighted by the patches scored
                 p, t = kept.setdefault(name, ([], []))
                 if sum(map(len, t)) < keep:  # until the picture has enough
                     p.append(probs.cpu())
@@ -667,7 +672,9 @@ def held_out_positions(predict, data, args, proc, grid, keep=20_000):
         if proc.world > 1:
             s = s.to(proc.device)
             dist.all_reduce(s)
-        top1, within1, distance = (s[:3] / s[3].clamp(min=1)).tolist()
+        if s[3] == 0:  # no patch of this group, e.g. the control at --pos-mask-ratio 1
+            continue
+        top1, within1, distance = (s[:3] / s[3]).tolist()
         results |= {f"{name}_top1": 100 * top1, f"{name}_within1": 100 * within1,
                     f"{name}_distance": distance}
     pictured = {k: (torch.cat(p)[:keep], torch.cat(t)[:keep]) for k, (p, t) in kept.items() if p}
@@ -773,6 +780,7 @@ def SIZE(text):  # a COUNT that can be a tensor's side: torch fails on larger on
 
 SIZE.__name__ = "int"
 SHARE, POSITIVE, NONNEGATIVE = number(float, 0, 1), number(float, 0, low_in=False), number(float, 0)
+SHARE_OR_ALL = number(float, 0, 1, low_in=False, high_in=True)  # (0, 1]
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # a typo is bad input like any other: one line, exit code 2
@@ -839,16 +847,17 @@ def build_parser():
             shape=not applies)
 
     add = group("method (paper section 3; each ablation is one flag)")
-    add("--mask-ratio", "γ: share of patches hidden", PRETRAIN, type=float, default=0.75)
+    add("--mask-ratio", "γ: share of patches hidden", PRETRAIN, type=SHARE, default=0.75)
     add("--pos-mask-ratio", "γ_pos: share of visible patches whose position embedding is dropped",
-        PRETRAIN | {"location_probe"}, type=float, default=0.75)
+        PRETRAIN | {"location_probe"}, type=SHARE_OR_ALL, default=0.75)
     add("--sigma", "σ0 of position smoothing (0 = one-hot targets)", PRETRAIN, type=NONNEGATIVE,
         default=1.0)
     add("--no-sigma-decay", "keep σ = σ0 instead of decaying it to 0", PRETRAIN,
         action="store_true")
     add("--no-attentive", "uniform loss weights instead of attentive ones", PRETRAIN,
         action="store_true")
-    add("--tau", "τ: temperature of attentive reconstruction", PRETRAIN, type=float, default=0.1)
+    add("--tau", "τ: temperature of attentive reconstruction", PRETRAIN, type=POSITIVE,
+        default=0.1)
     add("--pos-embed", "fixed 2-D sin-cos position embedding, or a learned one", default="sincos",
         choices=["sincos", "learnable"], shape=True)
 
@@ -874,8 +883,7 @@ def build_parser():
     add = group("fine-tuning")
     add("--finetune", "train a classifier on a checkpoint's encoder (see below), or on a random "
         "one ('scratch')", metavar="CHECKPOINT|scratch", type=checkpoint)
-    add("--layer-decay", "layer-wise lr decay", {"finetune"},
-        type=number(float, 0, 1, low_in=False, high_in=True), default=0.75)
+    add("--layer-decay", "layer-wise lr decay", {"finetune"}, type=SHARE_OR_ALL, default=0.75)
     add("--drop-path", "stochastic depth of the last block", {"finetune"}, type=SHARE,
         default=0.1)
     add("--smoothing", "label smoothing", {"finetune"}, type=SHARE, default=0.1)
@@ -1258,7 +1266,8 @@ def source_line(args):
     imp = imported(path)
     total = (imp.args or imp.extra).get("epochs")
     epoch = "" if imp.epoch is None else f", epoch {imp.epoch}" + (f" of {total}" if total else "")
-    return f" from {path} ({imp.source}{epoch})"
+    unused = imp.extra["ignored"]  # e.g. MAE's pixel decoder, a head
+    return f" from {path} ({imp.source}{epoch}{'; left out: ' * bool(unused)}{', '.join(unused)})"
 
 def build_encoder(args, drop_path=0.0):
     """The ViT of args' shape, with the weights of the mode's checkpoint unless it has none or a
@@ -2005,7 +2014,8 @@ def evaluate(args):
     torch.manual_seed(args.seed)  # the masks the scores and the picture use
     path, folder = args.evaluate, Path(args.output_dir)
     imp = imported(path)
-    results = {"checkpoint": path, "source": imp.source, "epoch": imp.epoch}
+    results = {"checkpoint": path, "source": imp.source, "epoch": imp.epoch,
+               "left_out": imp.extra["ignored"]}  # e.g. a decoder that predicts no position
     head = "decoder.head.weight" in imp.model
     if head:  # the whole DropPos, position head included
         model = build_droppos(model_config(args)).to(proc.device).eval()
@@ -2516,6 +2526,8 @@ def main(argv=None):
             dist.destroy_process_group()
 
 if __name__ == "__main__":
+    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # loaded: Ctrl-C is KeyboardInterrupt
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main()
     except SystemExit as e:
