@@ -257,7 +257,7 @@ class LocationProbe(FrozenEncoder):
         self.encoder = encoder.requires_grad_(False)
         N = encoder.num_patches
         self.n_drop = N - int(N * (1 - pos_mask_ratio))
-        if self.n_drop < 1:  # 1 - 1e-20 == 1.0
+        if self.n_drop < 1:  # a tiny ratio drops nothing: 1 - 1e-20 == 1.0
             raise UserError(f"--pos-mask-ratio {pos_mask_ratio} drops none of the {N} positions")
         self.mask_vector = nn.Parameter(torch.zeros(1, 1, encoder.dim))
         self.head, self.control = nn.Linear(encoder.dim, N), nn.Linear(encoder.dim, N)
