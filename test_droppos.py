@@ -509,6 +509,21 @@ def test_attentive_weights_are_cls_cosine_softmax_over_all_patches_renormalised(
                                kept / kept.sum(1, keepdim=True), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tau", [3e-3, 1e-20, 5e-324])
+def test_attentive_weights_stay_finite_and_tend_to_one_hot_as_tau_goes_to_zero(tau):
+    # Renormalising a softmax over all N patches gives 0 / 0 once every visible weight underflows.
+    torch.manual_seed(0)
+    enc = ViT(32, 4, dim=32, depth=2, heads=2)
+    imgs, ids = torch.randn(16, 3, 32, 32), random_masking(16, 64, 16)
+    w = attentive_weights(enc, imgs, ids, tau)
+    torch.testing.assert_close(w.sum(1), torch.ones(16), atol=1e-5, rtol=0)
+    if tau < 1e-10:  # all the weight on the patch most similar to [CLS]
+        with torch.no_grad():
+            f = enc.forward_features(imgs)
+        cos = F.cosine_similarity(f[:, :1], f[:, 1:], dim=-1).gather(1, ids)
+        assert torch.equal(w, F.one_hot(cos.argmax(1), 16).float())
+
+
 def test_attentive_weights_of_a_large_batch_equal_those_of_each_image_alone():
     # On a CPU the full-image pass runs in chunks of ~4k tokens: 300 images of 17 tokens make
     # two chunks, and no image's weights may depend on which chunk it fell in.
@@ -2506,14 +2521,11 @@ def test_mae_pixel_decoder_is_ignored_not_mapped_to_position_head(tmp_path):
                                     "decoder_pos_embed", "decoder_pred", "mask_token"]
 
 
-def test_a_position_head_that_does_not_fit_the_grid_is_named_as_left_out(tmp_path):
+def test_a_position_head_that_fits_neither_the_grid_nor_the_pixels_is_refused(tmp_path):
     bad = official(tiny_state())  # 16 cells, and a head for 15 (not MAE's 48 pixels either)
     bad["decoder_pred.weight"], bad["decoder_pred.bias"] = torch.zeros(15, 32), torch.zeros(15)
-    torch.save({"state_dict": bad, "epoch": 1}, tmp_path / "x.pt")
-    args = argparse.Namespace(finetune=str(tmp_path / "x.pt"), resume=None, benchmark=False, evaluate=None,
-                              location_probe=None, linear_probe=None)
-    assert train.source_line(args).endswith(
-        "(official DropPos checkpoint, epoch 1; left out: decoder_blocks, decoder_embed, decoder_norm, decoder_pred)")
+    with pytest.raises(train.UserError, match="decoder_pred of 15 outputs, neither one per position"):
+        load_as_file({"state_dict": bad, "epoch": 1}, tmp_path)
 
 
 def test_a_global_pool_classifier_without_the_encoders_norm_lends_it_its_fc_norm(tmp_path):

@@ -16,6 +16,11 @@ loop, then everything one pre-training step touches (tasks, optimiser, CIFAR's d
 evaluation). Part II protects: flags, checkpoints, run folder and resume, processes, pictures.
 """
 
+import signal  # first: Ctrl-C while the imports load (seconds, torch) ends the command quietly
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # nothing has begun; main() takes Ctrl-C over
+
 import argparse
 import errno
 import fcntl
@@ -27,16 +32,12 @@ import random
 import re
 import resource
 import shutil
-import signal
 import sys
 import textwrap
 import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
-
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while torch loads: nothing begun, end
 
 import torch
 import torch.distributed as dist
@@ -902,10 +903,10 @@ def build_parser():
         "parameters and a linear classifier", metavar="CHECKPOINT|random", type=checkpoint)
 
     add = group("output and evaluation")
-    add("--output-dir", "the run's folder (default: runs/<dataset>-pretrain, "
-        "runs/<dataset>-scratch "
-        "or runs/<pre-training run>-finetune, then -paper for --recipe paper and -seedN for seed "
-        "N > 0)", TRAINS | {"evaluate"}, free=True, type=path)
+    add("--output-dir", "the run's folder (default: runs/<dataset>-pretrain, runs/<dataset>-scratch"
+        ", runs/<checkpoint's run>-<mode> such as -finetune or -location-probe, runs/<dataset>-"
+        "random-<mode>; then -paper for --recipe paper and -seedN for seed N > 0)",
+        TRAINS | {"evaluate"}, free=True, type=path)
     add("--resume", "continue the run in FOLDER exactly where it stopped, with the flags it was "
         "started with", metavar="FOLDER|CHECKPOINT", free=True, type=path)
     add("--knn-every", "k-NN monitor every N epochs and at the end (0 = off)", {"pretrain"},
@@ -1095,13 +1096,19 @@ _DECODER = {"decoder_embed": "decoder.embed", "decoder_blocks": "decoder.blocks"
 _SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
           "large": (1024, 24, 16), "huge": (1280, 32, 16)}
 
-def _rename(state):
+def _rename(state, path):
     """timm / official DropPos key names -> ours.  -> (model, sorted prefixes of keys left out)."""
     state = {k.removeprefix("module."): v for k, v in state.items()}  # DDP's wrapper
     # The decoder is ours only if decoder_pred is the N-way position head: MAE's predicts p*p*3
     # pixels there (as does --drop_pos_type vanilla_mae), and 3p^2 is never a square N.
     pos, pred = state.get("pos_embed"), state.get("decoder_pred.weight")  # (1, 1+N, D), (?, Dd)
-    positional = pos is not None and pred is not None and pred.shape[0] == pos.shape[1] - 1
+    proj = state.get("patch_embed.proj.weight")  # (D, 3, p, p)
+    rows = pred.shape[0] if pred is not None and pred.ndim == 2 else None
+    positional = pos is not None and pos.ndim == 3 and rows == pos.shape[1] - 1
+    if rows and not positional and proj is not None and rows != math.prod(proj.shape[1:]):
+        raise UserError(f"{str(path)!r} has a decoder_pred of {rows} outputs, neither one per "
+                        "position of its pos_embed nor a patch's pixels: a damaged or mismatched "
+                        "checkpoint")
     ours = {"encoder": "encoder", "decoder": "decoder", "mask_pos_token": "mask_pos_token",
             **{k: "encoder." + k for k in _ENCODER}, **(_DECODER if positional else {})}
     tops = {key: key.split(".")[0] for key in state}
@@ -1137,7 +1144,7 @@ def import_state(obj, path):
         source, state = "timm encoder", ck
     tensors = (isinstance(state, dict) and all(map(torch.is_tensor, state.values()))
                and all(isinstance(k, str) for k in state))
-    model, ignored = _rename(state) if tensors else ({}, [])
+    model, ignored = _rename(state, path) if tensors else ({}, [])
     if "encoder.patch_embed.proj.weight" not in model or "encoder.pos_embed" not in model:
         what = (f"a dict with keys {[str(k) for k in ck][:8]}{' ...' if len(ck) > 8 else ''}"
                 if isinstance(obj, dict) else f"a {type(obj).__name__}")
@@ -1266,8 +1273,7 @@ def source_line(args):
     imp = imported(path)
     total = (imp.args or imp.extra).get("epochs")
     epoch = "" if imp.epoch is None else f", epoch {imp.epoch}" + (f" of {total}" if total else "")
-    unused = imp.extra["ignored"]  # e.g. MAE's pixel decoder, a head
-    return f" from {path} ({imp.source}{epoch}{'; left out: ' * bool(unused)}{', '.join(unused)})"
+    return f" from {path} ({imp.source}{epoch})"
 
 def build_encoder(args, drop_path=0.0):
     """The ViT of args' shape, with the weights of the mode's checkpoint unless it has none or a
@@ -2014,8 +2020,7 @@ def evaluate(args):
     torch.manual_seed(args.seed)  # the masks the scores and the picture use
     path, folder = args.evaluate, Path(args.output_dir)
     imp = imported(path)
-    results = {"checkpoint": path, "source": imp.source, "epoch": imp.epoch,
-               "left_out": imp.extra["ignored"]}  # e.g. a decoder that predicts no position
+    results = {"checkpoint": path, "source": imp.source, "epoch": imp.epoch}
     head = "decoder.head.weight" in imp.model
     if head:  # the whole DropPos, position head included
         model = build_droppos(model_config(args)).to(proc.device).eval()
