@@ -2877,6 +2877,20 @@ def test_a_live_evaluations_folder_is_refused_without_advising_resume(tmp_path):
         os.close(fd)
 
 
+def test_resume_into_a_live_runs_folder_names_the_live_run_before_any_other_advice(tmp_path, capsys):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_bytes(b"not read: the live run comes first")
+    (folder / ".lock").write_text("pid 1: train.py --epochs 9")
+    fd = os.open(folder / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held by "another" open file, as a live process holds it
+    try:
+        line = _fails(["--resume", folder, "--mask-ratio", "0.5"], capsys)  # a flag it would refuse
+        assert "still going (pid 1: train.py --epochs 9)" in line and "would change" not in line
+    finally:
+        os.close(fd)
+
+
 def test_a_lock_left_by_a_killed_run_is_stale_and_a_live_one_is_named(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()

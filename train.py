@@ -1313,7 +1313,9 @@ def resumed_args(args, given):
     typed flag that would change the run is refused by name; the free ones (FREE_ON_RESUME:
     they change nothing the run learns) replace the saved ones."""
     path = checkpoint_path(args.resume)
-    folder = str(path.parent)
+    folder, owner = str(path.parent), live_owner(path.parent)
+    if owner:  # before any other advice: following it could only disturb the live run
+        raise live_run(path.parent, owner)
     saved = dict(vars(build_parser().parse_args([])), **load_training_checkpoint(path)["args"])
     check_dataset_flags(given, saved["dataset"])
     for name in sorted(given - FREE_ON_RESUME):
@@ -1462,11 +1464,7 @@ class FolderLock:
         except BlockingIOError:
             os.close(self.fd)
             self.fd = None
-            owner = live_owner(f)  # an evaluation has nothing to resume
-            then = ("" if "--evaluate" in owner else
-                    f", then continue it: python train.py --resume {f}")
-            raise UserError(f"{str(f)!r} belongs to a run that is still going ({owner}); let it "
-                            f"finish or stop it{then}; or use another --output-dir") from None
+            raise live_run(f, live_owner(f)) from None
         try:
             if not self.args.resume:
                 self.refuse_a_folder_with_a_run(created)
@@ -1520,6 +1518,12 @@ def stopped_before_a_checkpoint(folder):
     return (f"{str(folder)!r} holds no checkpoint: its run stopped before it wrote the first one "
             f"(at the end of epoch 1), so there is nothing to resume; delete the folder to start "
             f"over there, or choose another --output-dir")
+
+def live_run(folder, owner):
+    """The refusal of a second run into a live run's folder; an evaluation has nothing to resume."""
+    then = "" if "--evaluate" in owner else f", then continue it: python train.py --resume {folder}"
+    return UserError(f"{str(folder)!r} belongs to a run that is still going ({owner}); let it "
+                     f"finish or stop it{then}; or use another --output-dir")
 
 def live_owner(folder):
     """Who holds `folder`'s lock: its pid and command, or None when no live process does."""
