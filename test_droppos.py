@@ -2862,6 +2862,22 @@ def test_a_second_run_into_a_live_runs_folder_refuses_naming_it_and_touches_noth
     assert "stopped before it wrote the first one" in line
 
 
+def test_sigterm_before_anything_is_written_leaves_no_folder_and_restores_the_handler(tmp_path, monkeypatch):
+    def terminated(self, args, proc):  # SIGTERM while the data loads: the lock is held by then
+        os.kill(os.getpid(), signal.SIGTERM)
+    def not_taken_over(*_):  # a SIGTERM train.py left alone would end pytest itself
+        raise AssertionError("SIGTERM reached the handler in place before the run")
+    monkeypatch.setattr(train.Data, "__init__", terminated)
+    before = signal.signal(signal.SIGTERM, not_taken_over)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            _train_in_process(TRAIN_TINY + ["--epochs", 1, "--output-dir", tmp_path / "a" / "run"])
+        assert stopped.value.code == 128 + signal.SIGTERM and not (tmp_path / "a").exists()
+        assert signal.getsignal(signal.SIGTERM) is not_taken_over  # restored
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_a_live_evaluations_folder_is_refused_without_advising_resume(tmp_path):
     folder, args = tmp_path / "ev", argparse.Namespace(output_dir=str(tmp_path / "ev"), resume=None)
     folder.mkdir()

@@ -1465,6 +1465,8 @@ class FolderLock:
             os.close(self.fd)
             self.fd = None
             raise live_run(f, live_owner(f)) from None
+        # SIGTERM unwinds as Ctrl-C does, through __exit__: a new run that wrote nothing leaves none
+        self.sigterm = signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
         try:
             if not self.args.resume:
                 self.refuse_a_folder_with_a_run(created)
@@ -1498,6 +1500,7 @@ class FolderLock:
     def __exit__(self, failed=None, *_):
         if self.fd is None:
             return
+        signal.signal(signal.SIGTERM, self.sigterm)
         if failed and not self.args.resume and [p.name for p in self.folder.iterdir()] == [".lock"]:
             (self.folder / ".lock").unlink()  # a new run that wrote nothing leaves nothing behind
             for p in self.made:
