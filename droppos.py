@@ -312,15 +312,15 @@ def attentive_weights(encoder, imgs, ids_keep, tau):
     the softmax (temperature τ, over all N patches) of its cosine similarity to [CLS], kept for
     the visible patches and renormalised. No gradient flows through it.
     """
-    # Computed as the softmax over the visible patches alone, which is the same number: the
-    # renormalised one is 0 / 0 once every visible weight underflows (τ = 0.003 did). Less the
-    # maximum and in float64, even a τ near 0 gives the one-hot weights it tends to.
     # On a CPU this pass is memory-bound at large batches; chunks of ~4k tokens keep a layer's
     # activations in cache (batch 512 ran 1.4× faster). A GPU takes the batch whole.
     chunk = max(1, 4096 // (encoder.num_patches + 1)) if imgs.device.type == "cpu" else len(imgs)
     with torch.no_grad():
         feats = torch.cat([encoder.forward_features(c) for c in imgs.split(chunk)]).float()  # (B, 1+N, D)
         sim = F.cosine_similarity(feats[:, :1], feats[:, 1:], dim=-1)  # (B, N)
+        # The softmax over the visible patches alone is the same number as the renormalised one,
+        # which is 0 / 0 once every visible weight underflows (τ = 0.003 did). Less the maximum
+        # and in float64, even a τ near 0 gives the one-hot weights it tends to.
         sim = sim.gather(1, ids_keep).double()  # (B, n)
         return torch.softmax((sim - sim.amax(1, keepdim=True)) / tau, dim=-1).float()
 

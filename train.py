@@ -662,6 +662,7 @@ def held_out_positions(predict, data, args, proc, grid, keep=20_000):
             for name, (logits, true, scored) in groups.items():
                 probs, true = logits[scored].float().softmax(-1), true[scored]
                 s = position_scores(probs, true, grid)
+                # no patch scored (the control at --pos-mask-ratio 1): NaN scores, counted 0 times
                 s = torch.tensor([s["top1"], s["within1"], s["distance"], 1.0]).nan_to_num()
                 sums[name] = sums.get(name, 0) + s * len(true)  # weighted by the patches scored
                 p, t = kept.setdefault(name, ([], []))
