@@ -1203,7 +1203,12 @@ def test_ctrl_c_mid_epoch_saves_then_dies_of_sigint_without_traceback_and_resume
 
 @slow
 def test_ctrl_c_while_torch_loads_ends_the_command_quietly(tmp_path):
-    proc = _start_train(TRAIN_TINY + ["--epochs", 1, "--output-dir", tmp_path / "run"], tmp_path)
+    # A child inherits an ignored SIGINT (pytest run as a shell's background job): not here.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = _start_train(TRAIN_TINY + ["--epochs", 1, "--output-dir", tmp_path / "run"], tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, before)
     maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.time() + SUBPROCESS_TIMEOUT
     while "torch" not in maps.read_text() and time.time() < deadline:  # `import torch` has begun
         time.sleep(0.01)
