@@ -151,8 +151,17 @@ class Attention(nn.Module):
 
     def forward(self, x):  # (B, n, D) -> (B, n, D)
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(rearrange(x, "b h n d -> b n (h d)"))
+        return self.proj(rearrange(attention(q, k, v), "b h n d -> b n (h d)"))
+
+
+def attention(q, k, v):
+    """softmax(q kᵀ / √d) v over each head.  q, k, v: (B, h, n, d) -> (B, h, n, d).
+
+    A GPU runs it as SDPA's fused kernel. On a CPU two matmuls are the faster way: at these short
+    sequences SDPA's backward there took 35 % of a training step, 17x its own forward."""
+    if q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v)
+    return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
 
 
 class Mlp(nn.Module):

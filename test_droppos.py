@@ -23,6 +23,7 @@ from contextlib import contextmanager, redirect_stdout
 from functools import partial
 from io import StringIO
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -337,6 +338,31 @@ def test_sincos_encoder_has_fixed_embedding_with_zero_cls_row_and_learnable_opti
 def test_forward_features_returns_cls_plus_every_patch(h, w, p, B):
     enc = ViT((h * p, w * p), p, dim=16, depth=1, heads=2)
     assert enc.forward_features(torch.randn(B, 3, h * p, w * p)).shape == (B, 1 + h * w, 16)
+
+
+@settings(max_examples=10)
+@given(B=st.integers(1, 3), heads=st.integers(1, 4), n=st.integers(1, 70),
+       d=st.sampled_from([8, 32, 64]))
+def test_cpu_attention_equals_sdpa_in_fp64_values_and_gradients(B, heads, n, d):
+    # The CPU's two matmuls and SDPA (the GPU's path) are the same function: equal in fp64, and so
+    # are the gradients they send back to q, k and v.
+    torch.manual_seed(0)
+    qkv = torch.randn(3, B, heads, n, d, dtype=torch.float64, requires_grad=True)
+    ours = droppos.attention(*qkv)
+    grad_ours, = torch.autograd.grad(ours.pow(2).sum(), qkv)
+    ref = F.scaled_dot_product_attention(*qkv)
+    grad_ref, = torch.autograd.grad(ref.pow(2).sum(), qkv)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grad_ours, grad_ref, atol=1e-12, rtol=1e-12)
+
+
+def test_cpu_attention_under_bf16_autocast_is_sdpa_within_bf16_rounding():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 3, 65, 64)
+    with torch.autocast("cpu", torch.bfloat16):
+        ours = droppos.attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    torch.testing.assert_close(ours.double(), ref, atol=3e-2, rtol=2e-2)
 
 
 def test_cls_token_carries_its_own_position_embedding():
@@ -848,7 +874,8 @@ def one_thread():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        with patch.dict(os.environ, OMP_NUM_THREADS="1"):  # which train.py's thread rule keeps
+            yield
     finally:
         torch.set_num_threads(before)
 
@@ -2946,6 +2973,38 @@ def test_precision_auto_follows_the_cpus_bf16_units_the_same_on_every_start_unde
     assert train.pick_precision("fp32", torch.device("cpu"))[0] == "fp32"
 
 
+def test_threads_are_one_per_core_no_other_process_keeps_busy_and_omp_num_threads_wins(
+        monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        for busy, threads in [(0, 2), (1, 1), (2, 1)]:
+            torch.set_num_threads(2)  # torch's default on a 2-core machine
+            monkeypatch.setattr(train, "busy_cores", lambda: busy)
+            assert train.pick_threads().startswith(f"{threads} thread")
+            assert torch.get_num_threads() == threads
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # what the user pinned is kept as it is
+        assert train.pick_threads() == "2 threads (OMP_NUM_THREADS)"
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists() or not hasattr(os, "sched_setaffinity"),
+                    reason="reads Linux's /proc/stat")
+def test_a_core_another_process_spins_on_counts_as_busy():
+    core = min(os.sched_getaffinity(0))
+    spin = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{core}}})"
+                             "\nwhile True: pass"])
+    try:
+        time.sleep(0.5)  # the child has pinned itself and spins
+        assert train.busy_cores() >= 1
+    finally:
+        spin.kill()
+        spin.wait()
+
+
 def test_cpu_flags_are_read_from_the_operating_system():
     flags = train.cpu_flags()
     if Path("/proc/cpuinfo").exists() and "flags" in Path("/proc/cpuinfo").read_text():
@@ -3199,7 +3258,12 @@ def test_per_image_augmentation_leaves_the_global_cpu_and_cuda_rngs_untouched():
 def test_benchmark_prints_one_json_line_with_throughput_memory_flops_and_utilization(tmp_path):
     i = TRAIN_TINY.index("--knn-every")  # it and --log-every are a run's flags, refused here
     bench_tiny = TRAIN_TINY[:i] + TRAIN_TINY[i + 2:-2]
-    stdout = _train_in_process(bench_tiny + ["--benchmark", "--bench-steps", 2, "--bench-warmup", 1])
+    # Its own process: memory is the growth of resident memory, which a process that has already
+    # held more (this one, after other tests) keeps and reuses without growing.
+    stdout = subprocess.run(
+        [sys.executable, "train.py", *map(str, bench_tiny), "--benchmark", "--bench-steps", "2",
+         "--bench-warmup", "1"], cwd=TRAIN_DIR, env=_train_env(), capture_output=True, text=True,
+        timeout=SUBPROCESS_TIMEOUT, check=True).stdout
     lines = stdout.strip().splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])

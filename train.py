@@ -22,6 +22,7 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # nothing has begun; main() takes Ctrl-C over
 
 import argparse
+import ctypes
 import errno
 import fcntl
 import functools
@@ -30,7 +31,6 @@ import math
 import os
 import random
 import re
-import resource
 import shutil
 import sys
 import textwrap
@@ -82,7 +82,8 @@ def train(args):
     log = run.open_log(total)
     say_warnings()
     say(f"{task.name}{task.source} on {args.dataset}: {data.describe()}; {proc.world} "
-               f"process(es) on {proc.device}, {proc.precision} ({proc.precision_why}); "
+               f"process(es) on {proc.device}, {proc.precision} ({proc.precision_why}), "
+               f"{proc.threads or 'CUDA'}; "
                f"{task.n_params() / 1e6:.2f}M parameters, lr {base_lr:.2e}, {steps} steps per "
                f"epoch, {args.epochs} epoch{'s' * (args.epochs > 1)}, folder {run.folder}")
     with StopRequest() as stop:
@@ -1682,6 +1683,7 @@ class Proc(NamedTuple):
     device: torch.device
     precision: str
     precision_why: str = "asked for"
+    threads: str = ""  # on a CPU: how many, and why
 
 def start_processes(args):
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -1694,7 +1696,8 @@ def start_processes(args):
         dist.init_process_group(backend)
         rank = dist.get_rank()
     device = pick_device(args.device, local)
-    proc = Proc(rank, world, local, device, *pick_precision(args.precision, device))
+    proc = Proc(rank, world, local, device, *pick_precision(args.precision, device),
+                pick_threads() if device.type == "cpu" else "")
     if agree(proc.precision == "fp32", proc):  # every process of a run at one precision
         proc = proc._replace(precision="fp32")
     return proc
@@ -1719,6 +1722,39 @@ def pick_precision(name, device):
         fast, why = (bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}),
                      "avx512_bf16/amx_bf16 in the CPU flags")
     return ("bf16" if fast else "fp32"), f"auto: {'' if fast else 'no '}{why}"
+
+def pick_threads():
+    """One thread per core that no other process keeps busy: beside one busy core, two threads
+    ran 4x slower than one, each waiting at every operation for the one sharing a core. Also keeps
+    freed memory for reuse. OMP_NUM_THREADS overrides the count.  -> what the start-up line says."""
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "mallopt"):  # glibc: handing freed activations back to the OS and faulting
+        libc.mallopt(-1, 1 << 30)  # them in again cost ~10 % of a CPU step; M_TRIM_THRESHOLD
+        libc.mallopt(-3, 1 << 25)  # and M_MMAP_THRESHOLD at its largest, 32 MB
+    n = torch.get_num_threads()  # torch's default: one per core
+    if "OMP_NUM_THREADS" in os.environ:
+        return f"{n} thread{'s' * (n > 1)} (OMP_NUM_THREADS)"
+    busy = busy_cores()
+    torch.set_num_threads(max(1, n - busy))
+    threads = torch.get_num_threads()
+    return f"{threads} thread{'s' * (threads > 1)} ({busy} of {n} cores busy elsewhere)"
+
+def busy_cores(seconds=0.3):
+    """How many of this process's cores another process keeps over half busy, read from
+    /proc/stat over a short wait (0 where there is no /proc)."""
+    def ticks():  # cpu -> (idle, total) since boot
+        with open("/proc/stat") as f:
+            rows = [line.split() for line in f if re.match(r"cpu\d", line)]
+        return {int(r[0][3:]): (int(r[4]) + int(r[5]), sum(map(int, r[1:]))) for r in rows}
+    try:
+        before = ticks()
+        time.sleep(seconds)
+        after = ticks()
+    except OSError:
+        return 0
+    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else after
+    return sum(1 for c in mine if c in before and after[c][1] > before[c][1]
+               and (after[c][0] - before[c][0]) / (after[c][1] - before[c][1]) < 0.5)
 
 def cpu_flags():
     """The CPU's feature flags as Linux reports them (empty elsewhere: fp32 is the safe default)."""
@@ -2445,7 +2481,8 @@ def droppos_flops(cfg):
 def benchmark(args):
     """Time training steps after warm-up on an in-memory batch, then with the data stream."""
     device = pick_device(args.device, 0)
-    proc = Proc(0, 1, 0, device, *pick_precision(args.precision, device))
+    proc = Proc(0, 1, 0, device, *pick_precision(args.precision, device),
+                pick_threads() if device.type == "cpu" else "")
     torch.manual_seed(args.seed)
     cfg = model_config(args)
     model = build_droppos(cfg).to(device)
@@ -2461,8 +2498,9 @@ def benchmark(args):
         optimizer_step(model, optimizer, loss, args.clip_grad,
                        per_parameter_clip(args.recipe, "pretrain"))
 
-    statm = Path("/proc/self/statm").read_text().split()  # pages resident before the first step
-    rss_before_mb = int(statm[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    if device.type == "cpu":  # Linux keeps the high-water mark of resident memory; reset it here
+        Path("/proc/self/clear_refs").write_text("5")
+        rss_before_mb = resident_mb("VmRSS")
     for _ in range(args.bench_warmup):
         step(imgs)
     if device.type == "cuda":
@@ -2477,7 +2515,7 @@ def benchmark(args):
         peak_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
     else:  # growth of peak resident memory over the model, inputs and libraries: activations,
         # gradients and optimiser state. From before warm-up: freed activations stay resident.
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before_mb
+        peak_mb = resident_mb("VmHWM") - rss_before_mb
     ips, gflops = args.batch_size / step_s, droppos_flops(cfg) / 1e9
     peaks = {p: matmul_flops(device, torch.float32 if p == "fp32" else torch.bfloat16) / 1e9
              for p in ("fp32", "bf16")}
@@ -2495,6 +2533,11 @@ def benchmark(args):
         result["images_per_sec_with_data"], result["data_error"] = None, str(e)
     say_warnings()  # on stderr: stdout is the one JSON line
     print(json.dumps(result), flush=True)
+
+def resident_mb(key):
+    """VmRSS (resident now) or VmHWM (its high-water mark) of this process, in MB."""
+    line = next(r for r in Path("/proc/self/status").read_text().splitlines() if r.startswith(key))
+    return int(line.split()[1]) / 1024
 
 def bench_with_data(args, step, proc):
     """Images/s of the same step fed by the training stream (load, augment, move to the device),
