@@ -10,7 +10,7 @@ which of the N grid cells it came from. The module reads in the paper's order:
     1. patchify / unpatchify                  patchify, unpatchify
     2. visible-patch masking                  random_masking, gather_tokens
     3. position dropping                      drop_positions, DropPos.embed_visible
-    4. ViT encoder                            sincos_pos_embed, Block, ViT
+    4. ViT encoder                            sincos_pos_embed, attention, Block, ViT
     5. position-free decoder, N-way head      Decoder
     6. Gaussian position smoothing            gaussian_position_targets, sigma_at
     7. attentive reconstruction weights       attentive_weights
