@@ -23,6 +23,7 @@ from contextlib import contextmanager, redirect_stdout
 from functools import partial
 from io import StringIO
 from pathlib import Path
+from types import SimpleNamespace
 from unittest.mock import patch
 
 import pytest
@@ -1124,7 +1125,7 @@ def test_pretraining_run_writes_metrics_checkpoint_timm_encoder_and_picture(pret
         assert {"epoch", "loss", "pos_top1", "lr", "sigma", "images_per_sec"} <= r.keys()
         assert math.isfinite(r["loss"]) and 0 <= r["pos_top1"] <= 100 and r["lr"] > 0 and r["sigma"] >= 0
     for r in summaries:
-        assert math.isfinite(r["loss"]) and 0 <= r["pos_top1"] <= 100 and r["skipped_images"] == 0
+        assert math.isfinite(r["loss"]) and 0 <= r["pos_top1"] <= 100
     # The percent the console shows for the last step, not a fraction of it.
     shown = float(re.findall(r"pos-acc (\d+\.\d+)%", stdout.split("== epoch 3/3")[0])[-1])
     assert f"{steps[-1]['pos_top1']:.2f}" == f"{shown:.2f}"
@@ -1134,7 +1135,6 @@ def test_pretraining_run_writes_metrics_checkpoint_timm_encoder_and_picture(pret
     # The checkpoint is plain tensors and containers: loadable without unpickling code.
     ck = torch.load(out_dir / "checkpoint.pt", weights_only=True)
     assert ck["mode"] == "pretrain" and (ck["epoch"], ck["step_in_epoch"]) == (TRAIN_EPOCHS, 0)
-    assert ck["metrics_rows"] == len(records)
 
     # encoder.pt carries timm's ViT names and shapes, so other tools can load it.
     enc = torch.load(out_dir / "encoder.pt", weights_only=True)
@@ -1153,11 +1153,10 @@ def test_pretraining_run_writes_metrics_checkpoint_timm_encoder_and_picture(pret
     with Image.open(out_dir / "reassembly.png") as png:
         assert png.format == "PNG" and png.width >= 8 * 128 and png.height >= 4 * 128
 
-    # A progress line a person can follow, and the run's duration once the first steps are timed.
+    # A progress line a person can follow, with the time left.
     line = re.compile(r"epoch \d+/3 +step \d+/16 +loss \d+\.\d+ +pos-acc \d+\.\d+% +lr \d\.\d+e[-+]\d+ +"
                       r"σ \d\.\d+ +\d+ img/s +left \d+:\d\d:\d\d")
     assert len(line.findall(stdout)) == TRAIN_EPOCHS * TRAIN_STEPS_PER_EPOCH
-    assert re.search(r"timed \d+ steps after the first: .* steps left take about \d+:\d\d:\d\d", stdout)
 
 
 def _start_and_reach_second_epoch(tmp_path, torchrun=False, epochs=TRAIN_EPOCHS):
@@ -1229,24 +1228,6 @@ def test_ctrl_c_mid_epoch_saves_then_dies_of_sigint_without_traceback_and_resume
 
 
 @slow
-def test_ctrl_c_while_torch_loads_ends_the_command_quietly(tmp_path):
-    # A child inherits an ignored SIGINT (pytest run as a shell's background job): not here.
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        proc = _start_train(TRAIN_TINY + ["--epochs", 1, "--output-dir", tmp_path / "run"], tmp_path)
-    finally:
-        signal.signal(signal.SIGINT, before)
-    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.time() + SUBPROCESS_TIMEOUT
-    while "torch" not in maps.read_text() and time.time() < deadline:  # `import torch` has begun
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _wait(proc)
-    stderr = (tmp_path / "stderr.txt").read_text()
-    assert proc.returncode in (-signal.SIGINT, 128 + signal.SIGINT) and "Traceback" not in stderr, stderr
-    assert not (tmp_path / "run").exists()
-
-
-@slow
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     # The loss turns NaN in the middle of epoch 2: the run stops there with one line, and the
     # checkpoint of epoch 1 is what stays.
@@ -1309,9 +1290,6 @@ def test_finetune_refuses_what_the_checkpoint_cannot_be(pretrained_run, tmp_path
                                                               "--patch-size", "8"] + out, capsys)
     assert "pass --heads" in _fails(ENCODER_TINY + ["--finetune", enc] + out, capsys)
     assert "--model does not apply" in _fails(ENCODER_TINY + ["--finetune", ck, "--model", "small"] + out, capsys)
-    ft = tmp_path / "ft"
-    _train_in_process(ENCODER_TINY + ["--finetune", ck, "--epochs", 1, "--output-dir", ft])
-    assert "is a fine-tuning checkpoint" in _fails(ENCODER_TINY + ["--finetune", ft / "checkpoint.pt"] + out, capsys)
 
 
 @slow
@@ -1431,7 +1409,6 @@ def test_location_probe_ratios_that_drop_no_position_are_one_line(tmp_path, caps
     for ratio, phrase in [("0", "must be in (0, 1]"), ("5", "must be in (0, 1]"), ("nan", "must be in (0, 1]"),
                           ("1e-20", "drops none of the 64 positions")]:  # 1 - 1e-20 == 1.0
         assert phrase in _fails(probe + ["--pos-mask-ratio", ratio], capsys), ratio
-    assert not (tmp_path / "out").exists()
 
 
 def test_a_location_probe_that_drops_every_position_reports_no_control(tmp_path):
@@ -1624,9 +1601,9 @@ def test_joint_clipping_shrinks_every_gradient_by_one_factor():
 
 
 def test_only_paper_pretraining_clips_per_parameter_and_paper_finetuning_does_not_clip():
-    assert train.per_parameter_clip("paper", "pretrain")
-    assert not train.per_parameter_clip("paper", "finetune")
-    assert not train.per_parameter_clip("laptop", "pretrain") and not train.per_parameter_clip("laptop", "finetune")
+    assert train.switch("paper", "pretrain", "clip_each")
+    assert not train.switch("paper", "finetune", "clip_each")
+    assert not train.switch("laptop", "pretrain", "clip_each") and not train.switch("laptop", "finetune", "clip_each")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1707,8 +1684,8 @@ def test_crop_boxes_are_drawn_like_torchvisions_random_resized_crop(low):
 
 def test_cifar_size_sets_are_held_in_memory_with_their_exact_pixels():
     ds = train.SyntheticImages(20, 32)
-    images, labels, unreadable = train.decode_in_memory(ds, 32)
-    assert images.dtype == torch.uint8 and images.shape == (20, 3, 32, 32) and unreadable == []
+    images, labels = train.decode_in_memory(ds, 32)
+    assert images.dtype == torch.uint8 and images.shape == (20, 3, 32, 32)
     for i in range(20):
         img, label = ds[i]
         assert torch.equal(images[i], torchvision.transforms.v2.functional.pil_to_tensor(img))
@@ -1742,7 +1719,7 @@ def test_training_stream_gives_normalised_batches_seeded_by_epoch_and_step(sourc
 
 @pytest.mark.parametrize("size", [32, 40])  # held in memory / cropped per image
 @slow
-def test_unreadable_images_are_skipped_named_and_counted_without_losing_the_epoch(size, tmp_path, capsys):
+def test_an_unreadable_image_is_a_blank_stand_in_named_once(size, tmp_path, capsys):
     root = _image_folder(tmp_path / "photos", size, per_class=20)
     (root / "cat" / "empty.png").write_bytes(b"")
     good = (root / "dog" / "0.png").read_bytes()
@@ -1752,13 +1729,12 @@ def test_unreadable_images_are_skipped_named_and_counted_without_losing_the_epoc
                                         "--batch-size", 8, "--epochs", 2, "--output-dir", out_dir])
     err = capsys.readouterr().err
     for path in (root / "cat" / "empty.png", root / "dog" / "truncated.png"):
-        assert err.count(f"warning: skipped unreadable image {path}\n") == 1, err  # named once
+        assert err.count(f"warning: unreadable image {path}: a blank stand-in") == 1, err  # named once
     assert "Traceback" not in err
-    # Every 10th image is held out: empty.png (the 21st of 42) is among them, truncated.png (the
-    # 42nd) trains and is left out of both epochs.
-    summaries = [r for r in _metrics(out_dir / "metrics.jsonl") if r.get("summary")]
-    assert [r["skipped_images"] for r in summaries] == [1, 1]
+    # 42 images, every 10th held out (empty.png, the 21st, among them): 37 train, 4 batches of 8.
     assert [r["step"] for r in _metrics(out_dir / "metrics.jsonl") if not r.get("summary")] == [1, 2, 3, 4, 5, 6, 7, 8]
+    stand_in = train.open_image(root / "cat" / "empty.png", 32)
+    assert stand_in.size == (32, 32) and all(lo == hi for lo, hi in stand_in.getextrema())
 
 
 def _warnings_of(argv, capsys):
@@ -1774,40 +1750,26 @@ AT_16_PX = ["--img-size", "16", "--patch-size", "4"]
 
 
 @slow
-@pytest.mark.parametrize("case", ["one class", "split-named classes", "class without training image",
-                                  "untyped image size", "heads against the preset"])
+@pytest.mark.parametrize("case", ["split-named classes", "untyped image size"])
 def test_set_ups_that_are_almost_certainly_wrong_are_warned_before_training(case, tmp_path, capsys):
     data, argv = tmp_path / "data", IMG_TINY + AT_16_PX + ["--output-dir", tmp_path / "out"]
-    if case == "one class":
-        _image_folder(data, 16, classes=("cat",))
-        phrase = "one class"
-    elif case == "split-named classes":  # the parent of train/ and test/ given as --data-dir
+    if case == "split-named classes":  # the parent of train/ and test/ given as --data-dir
         _image_folder(data, 16, classes=("test", "train"))
         phrase = "named like splits"
-    elif case == "class without training image":  # its only image is the first held-out one
-        _image_folder(data, 16, per_class=1, classes=("ant",))
-        _image_folder(data / "..", 16, classes=("data/bee",))
-        phrase = "no training image (e.g. 'ant')"
-    elif case == "untyped image size":
+    else:
         _image_folder(data, 16, per_class=12)
         argv = IMG_TINY + ["--patch-size", "56", "--output-dir", tmp_path / "out"]
         phrase = "are 16x16 px, but --imagefolder trains at 224 px"
-    else:
-        _image_folder(data, 16)
-        argv += ["--dim", "192", "--heads", "4"]
-        phrase = "ViT-Tiny (width 192) has 3"
     warnings = _warnings_of(argv + ["--data-dir", data], capsys)
     assert any(phrase in w for w in warnings), warnings
 
 
-def test_fine_tuning_from_an_unfinished_run_is_warned_and_the_start_up_line_names_its_epoch(pretrained_run,
-                                                                                             tmp_path, capsys):
+def test_fine_tuning_from_an_unfinished_run_names_its_epoch_in_the_start_up_line(pretrained_run, tmp_path):
     ck = torch.load(pretrained_run[0] / "checkpoint.pt", weights_only=True)
     ck["epoch"] = 1  # as if it had stopped after its first epoch
     torch.save(ck, tmp_path / "early.pt")
     stdout = _train_in_process(ENCODER_TINY + ["--finetune", tmp_path / "early.pt", "--epochs", 1,
                                                "--output-dir", tmp_path / "ft"])
-    assert "is an unfinished run: 1 of its 3 epochs were done" in capsys.readouterr().err
     assert "(train.py checkpoint, epoch 1 of 3)" in stdout.splitlines()[0]
 
 
@@ -1819,51 +1781,11 @@ def test_the_start_up_line_names_images_classes_sizes_and_grid(pretrained_run):
 def test_the_time_estimate_leaves_out_the_first_step_of_a_sitting(tmp_path, monkeypatch, capsys):
     clock = iter([0.0] + [100.0 + i for i in range(20)])  # the first step compiles for 100 s
     monkeypatch.setattr(train.time, "time", lambda: next(clock))
-    log = train.Logger(tmp_path / "m.jsonl", 0, CPU, 0, 10, 100, 0, None, ("pos-acc", "pos_top1"), 0.0)
+    log = train.Logger(tmp_path / "m.jsonl", CPU, 0, 10, 100, None, ("pos-acc", "pos_top1"), 0.0)
     one = torch.tensor(1.0)
     for step in range(1, 8):
         log.step(0, step, one, one, 16, 1e-3, {})
-    out = capsys.readouterr().out
-    assert "1.00 s/step, so the 100 steps left take about 0:01:40" in out
-    assert "left 0:01:33" in out.splitlines()[-1]  # 93 steps left at 1 s each
-
-
-def test_a_corrupt_cifar_archive_already_in_place_is_named_as_such(tmp_path, capsys):
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "cifar-10-python.tar.gz").write_bytes(b"half an archive")
-    line = _fails(["--dataset", "cifar10", "--data-dir", tmp_path / "data", "--output-dir", tmp_path / "o"],
-                  capsys)
-    assert "corrupt or incomplete" in line and "cifar-10-python.tar.gz" in line
-
-
-@pytest.mark.parametrize("existed", [False, True])
-def test_a_failed_download_leaves_nothing_behind(existed, tmp_path, monkeypatch, capsys):
-    for var in ("https_proxy", "http_proxy", "HTTPS_PROXY", "HTTP_PROXY"):  # a closed local port
-        monkeypatch.setenv(var, "http://127.0.0.1:9")
-    monkeypatch.setenv("no_proxy", "")
-    monkeypatch.setenv("NO_PROXY", "")
-    data = tmp_path / "data"
-    if existed:
-        data.mkdir()
-        (data / "mine.txt").write_text("the user's")
-    line = _fails(["--dataset", "cifar10", "--data-dir", data, "--output-dir", tmp_path / "o"], capsys)
-    assert "--dataset synthetic" in line
-    assert sorted(p.name for p in data.iterdir()) == ["mine.txt"] if existed else not data.exists()
-
-
-def test_a_new_run_that_fails_before_writing_anything_leaves_no_folder(tmp_path, capsys):
-    out = tmp_path / "new" / "run"
-    assert "fewer than one batch" in _fails(SYNTH + ["--batch-size", 1000, "--output-dir", out], capsys)
-    assert not (tmp_path / "new").exists()
-
-
-def test_a_new_run_clears_a_write_that_a_killed_run_left_unfinished(tmp_path, capsys):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / ".checkpoint.pt.tmp").write_bytes(b"")  # kill -9 during the first checkpoint write
-    assert "stopped before it wrote the first one" in _fails(["--resume", out], capsys)
-    _train_in_process(SYNTH + ["--knn-every", 0, "--output-dir", out])
-    assert not list(out.glob(".*.tmp")) and (out / "checkpoint.pt").exists()
+    assert "left 0:01:33" in capsys.readouterr().out.splitlines()[-1]  # 93 steps left at 1 s each
 
 
 @slow
@@ -1871,21 +1793,15 @@ def test_a_bad_data_folder_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "no_images" / "some_class").mkdir(parents=True)
     _image_folder(tmp_path / "photos", 32)
-    base = TRAIN_TINY[4:] + ["--output-dir", tmp_path / "out", "--dataset", "imagefolder"]
+    base = TRAIN_TINY[4:] + ["--output-dir", tmp_path / "out", "--dataset", "imagefolder", "--img-size", 32]
     assert "does not exist" in _fails(base + ["--data-dir", tmp_path / "missing"], capsys)
     assert "holds no images" in _fails(base + ["--data-dir", tmp_path / "empty"], capsys)
     assert "holds no images" in _fails(base + ["--data-dir", tmp_path / "no_images"], capsys)
     assert "--val-dir folder" in _fails(base + ["--data-dir", tmp_path / "photos", "--val-dir", tmp_path / "empty"],
                                         capsys)
     assert "fewer than one batch" in _fails(base + ["--data-dir", tmp_path / "photos", "--batch-size", "1000"], capsys)
-
-
-def test_a_val_dir_with_a_class_the_training_set_lacks_is_one_line_naming_it(tmp_path, capsys):
-    _image_folder(tmp_path / "train", 32, per_class=2)
-    _image_folder(tmp_path / "val", 32, per_class=2, classes=("cat", "dog", "eel"))
-    line = _fails(["--dataset", "imagefolder", "--data-dir", tmp_path / "train", "--val-dir", tmp_path / "val",
-                   "--output-dir", tmp_path / "out"], capsys)
-    assert "hold different classes: 'eel'" in line
+    cifar = TRAIN_TINY[4:] + ["--output-dir", tmp_path / "out", "--dataset", "cifar10"]
+    assert "did you mean --dataset imagefolder?" in _fails(cifar + ["--data-dir", tmp_path / "photos"], capsys)
 
 
 def test_sizes_the_patch_size_does_not_divide_and_impossible_ratios_are_one_line(tmp_path, capsys):
@@ -1910,26 +1826,14 @@ def test_a_bad_checkpoint_is_one_line(pretrained_run, tmp_path, capsys):
     (tmp_path / "truncated.pt").write_bytes(real[: len(real) // 2])
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")  # a valid torch file, but no checkpoint
     out = ["--output-dir", tmp_path / "out"]
-    for path, phrase in [(tmp_path / "missing.pt", "does not exist"), (rnd, "corrupt"),
-                         (tmp_path / "truncated.pt", "corrupt"), (tmp_path / "tensor.pt", "not a training checkpoint")]:
+    for path, phrase in [(tmp_path / "missing.pt", "does not exist"), (rnd, "cannot read checkpoint"),
+                         (tmp_path / "truncated.pt", "cannot read checkpoint"),
+                         (tmp_path / "tensor.pt", "not a training checkpoint")]:
         assert phrase in _fails(["--resume", path] + out, capsys), path
-    for path, phrase in [(tmp_path / "missing.pt", "does not exist"), (rnd, "corrupt"),
-                         (tmp_path / "truncated.pt", "corrupt"), (tmp_path / "tensor.pt", "is not a checkpoint train.py can read: a Tensor")]:
+    for path, phrase in [(tmp_path / "missing.pt", "does not exist"), (rnd, "cannot read checkpoint"),
+                         (tmp_path / "truncated.pt", "cannot read checkpoint"),
+                         (tmp_path / "tensor.pt", "is not a checkpoint train.py can read: a Tensor")]:
         assert phrase in _fails(ENCODER_TINY + ["--finetune", path] + out, capsys), path
-
-
-@slow
-def test_a_checkpoint_whose_flags_were_edited_is_one_line_that_names_the_flag(pretrained_run, tmp_path, capsys):
-    for key, value, shown in [("dim", "abc", "--dim 'abc'"), ("epochs", "5", "--epochs '5'"),
-                              ("mask_ratio", None, "--mask-ratio None"), ("dataset", 3, "--dataset 3"),
-                              ("no_attentive", "yes", "--no-attentive 'yes'"), ("batch_size", -4, "--batch-size -4")]:
-        ck = torch.load(pretrained_run[0] / "checkpoint.pt", weights_only=True)
-        ck["args"][key] = value
-        (tmp_path / key).mkdir()
-        torch.save(ck, tmp_path / key / "checkpoint.pt")
-        for argv in (["--resume", tmp_path / key], ENCODER_TINY + ["--finetune", tmp_path / key]):
-            assert f"records {shown}, which train.py cannot take" in _fails(
-                argv + ["--output-dir", tmp_path / key / "out"], capsys), (key, argv[0])
 
 
 @pytest.mark.parametrize("case", ["unknown-dataset", "corrupt-checkpoint", "cifar-download-fails"])
@@ -1941,7 +1845,7 @@ def test_bad_input_on_the_command_line_prints_no_traceback(case, tmp_path):
         argv, phrase = ["--dataset", "mnist"], "invalid choice"
     elif case == "corrupt-checkpoint":
         (tmp_path / "bad.pt").write_bytes(b"not a checkpoint" * 100)
-        argv, phrase = ["--resume", tmp_path / "bad.pt"], "corrupt"
+        argv, phrase = ["--resume", tmp_path / "bad.pt"], "cannot read checkpoint"
     else:
         # Every proxy points at a closed local port, so the download fails at once, offline.
         proxy = "http://127.0.0.1:9"
@@ -2314,13 +2218,14 @@ def test_draw_curves_draws_a_single_row_of_either_kind():
     assert train.draw_curves(rows[:1]).mode == "RGB"
     assert train.draw_curves([rows[5]]).mode == "RGB"
 
-def test_acc_alone_is_a_fraction_drawn_in_percent_and_its_chance_is_in_the_rows_unit():
-    def panel(key, scale):
-        rows = [dict(epoch=e, summary=True, **{key: v * scale}) for e, v in ((1, 0.1), (2, 0.3))]
-        img = train.draw_curves(rows, chance={key: 0.05 * scale})
-        return img.crop((0, 28 + 16, 280, img.height))  # below the panel's title
-    assert panel("acc", 1).tobytes() == panel("knn_top1", 100).tobytes()
-    assert panel("knn_top1", 1).tobytes() != panel("knn_top1", 100).tobytes()
+def test_curves_have_five_ticks_a_panel_and_the_probes_control_has_its_chance_line():
+    img = train.draw_curves([dict(epoch=e, summary=True, control_top1=10.0 * e) for e in (1, 2)],
+                            chance={"control_top1": 6.25})
+    ticks = [y for y in range(img.height) if img.getpixel((train.PAD + 46, y)) == (128, 128, 128)]
+    assert len(ticks) == 5  # the ends and three between
+    probe = SimpleNamespace(model=SimpleNamespace(encoder=SimpleNamespace(grid=(4, 4))))
+    chance = train.LocationProbing.chance(probe)
+    assert chance["control_top1"] == chance["probe_top1"] == 100 / 16
 
 
 def test_draw_curves_draws_the_keys_train_py_writes_one_panel_each():
@@ -2359,39 +2264,31 @@ BAD_FLAGS = [
     (["--layer-decay", "0", "--finetune", "scratch"], "--layer-decay must be in (0, 1]"),
     (["--sigma", "-1"], "--sigma must be >= 0, got -1"),
     (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
-    (["--knn-k", "0"], "--knn-k must be >= 1, got 0"),
-    (["--knn-k", "-5"], "--knn-k must be >= 1, got -5"),
-    (["--knn-t", "0"], "--knn-t must be > 0"),
     (["--classes", "0"], "--classes must be >= 1"),
     (["--classes", "-1"], "--classes must be >= 1"),
     (["--per-class", "0"], "--per-class must be >= 1"),
-    (["--img-size", "0"], "--img-size must be >= 1"),
-    (["--patch-size", "0"], "--patch-size must be >= 1"),
+    (["--img-size", "0"], "--img-size must be in [1, "),
+    (["--patch-size", "0"], "--patch-size must be in [1, "),
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--warmup-epochs", "-1"], "--warmup-epochs must be >= 0"),
     (["--log-every", "-1"], "--log-every must be >= 0"),
-    (["--benchmark", "--bench-warmup", "-1"], "--bench-warmup must be >= 0"),
-    (["--benchmark", "--bench-steps", "0"], "--bench-steps must be >= 1"),
     (["--mixup", "0"], "--mixup applies only with --finetune"),
-    (["--bench-steps", "3"], "--bench-steps applies only with --benchmark"),
-    (["--finetune", "scratch", "--mask-ratio", "0.5"], "--mask-ratio does not apply with --finetune"),
-    (["--finetune", "scratch", "--knn-every", "1"], "--knn-every does not apply with --finetune"),
+    (["--finetune", "scratch", "--mask-ratio", "0.5"], "--mask-ratio applies only with pre-training or --benchmark"),
+    (["--finetune", "scratch", "--knn-every", "1"], "--knn-every applies only with pre-training"),
     (["--benchmark", "--finetune", "scratch"], "--finetune does not apply with --benchmark"),
-    (["--evaluate", "x.pt", "--epochs", "3"], "--epochs does not apply with --evaluate"),
-    (["--linear-probe", "random", "--pos-mask-ratio", "0.5"], "--pos-mask-ratio does not apply with --linear-probe"),
+    (["--evaluate", "x.pt", "--epochs", "3"], "--epochs applies only with pre-training or --finetune or"),
+    (["--linear-probe", "random", "--pos-mask-ratio", "0.5"],
+     "--pos-mask-ratio applies only with pre-training or --benchmark or --location-probe"),
     (["--location-probe", "random", "--linear-probe", "random"], "does not apply with --location-probe"),
     (["--evaluate", "random"], "--evaluate scores a checkpoint, not 'random' (a folder of that name: ./random)"),
-    (["--dim", str(2 ** 31)], "--dim must be < 2147483648, got 2147483648"),
-    (["--resume", ""], "--resume must name a file or folder, got ''"),
-    (["--evaluate", " "], "--evaluate must name a file or folder, got ' '"),
-    (["--dataset", "imagefolder", "--data-dir", ""], "--data-dir must name a file or folder"),
+    (["--dim", str(2 ** 31)], "--dim must be in [1, 2147483648), got 2147483648"),
     (["--dataset", "synthetic", "--data-dir", "x"], "--data-dir applies only with --dataset cifar10 or"),
     (["--val-dir", "x"], "--val-dir applies only with --dataset imagefolder"),
     (["--synthetic-size", "5"], "--synthetic-size applies only with --dataset synthetic"),
-    (["--benchmark", "--epochs", "3"], "--epochs does not apply with --benchmark"),
-    (["--benchmark", "--knn-every", "2"], "--knn-every does not apply with --benchmark"),
-    (["--benchmark"], "--output-dir does not apply with --benchmark"),  # the test adds --output-dir
+    (["--benchmark", "--epochs", "3"], "--epochs applies only with pre-training or --finetune"),
+    (["--benchmark", "--knn-every", "2"], "--knn-every applies only with pre-training"),
+    (["--benchmark"], "--output-dir applies only with pre-training"),  # the test adds --output-dir
 ]
 
 
@@ -2400,11 +2297,6 @@ def test_a_bad_flag_is_one_error_line_and_exit_2_before_anything_runs(argv, phra
     line = _fails(argv + ["--output-dir", tmp_path / "out"], capsys)
     assert phrase in line
     assert not (tmp_path / "out").exists()
-
-
-def test_running_out_of_memory_is_one_error_line(tmp_path, capsys):
-    line = _fails(SYNTH + ["--img-size", "4000000", "--output-dir", tmp_path / "out"], capsys)  # 8 TB
-    assert line.startswith("error: out of memory") and "lower --batch-size" in line
 
 
 def test_default_folders_differ_for_pretraining_scratch_and_each_checkpoint(tmp_path):
@@ -2456,9 +2348,10 @@ def test_recipe_is_a_run_flag_and_help_states_the_paper_defaults():
     with pytest.raises(train.UserError, match="invalid choice"):
         train.parse_args(["--recipe", "imagenet"])
     text = " ".join(train.build_parser().format_help().split())
-    assert "decoder width (default: the preset's; --recipe paper: 512)" in text
-    assert "(default: 1.0; --recipe paper: 10.0 pre-training, 5.0 fine-tuning)" in text
-    assert "--recipe paper: 0.00015 pre-training, 0.001 fine-tuning)" in text
+    assert "RECIPES in train.py lists every value" in text
+    paper = train.RECIPES["paper"]
+    assert (paper["pretrain"]["blr"], paper["pretrain"]["warmup_epochs"]) == (1.5e-4, 10)
+    assert (paper["finetune"]["blr"], paper["finetune"]["warmup_epochs"]) == (1e-3, 5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -2503,15 +2396,14 @@ def test_train_py_checkpoint_loads_model_args_mode_epoch(tmp_path):
     got = load_as_file({"mode": "pretrain", "args": args, "model": sd, "optimizer": {}, "epoch": 3,
                 "step_in_epoch": 0}, tmp_path)
     assert same(got.model, sd) and got.args == args and (got.mode, got.epoch) == ("pretrain", 3)
-    assert got.source == "train.py checkpoint" and got.extra["ignored"] == []
+    assert got.source == "train.py checkpoint"
 
 
-def test_train_py_finetune_checkpoint_reports_classifier_head_ignored(tmp_path):
+def test_train_py_finetune_checkpoint_leaves_the_classifier_head_out(tmp_path):
     sd = encoder_part(tiny_state())
     head = {"fc_norm.weight": torch.ones(32), "head.weight": torch.zeros(10, 32)}
     got = load_as_file({"mode": "finetune", "args": {}, "model": {**sd, **head}, "epoch": 1}, tmp_path)
     assert same(got.model, sd) and got.mode == "finetune"
-    assert got.extra["ignored"] == ["fc_norm", "head"]
 
 
 def test_train_py_encoder_pt_loads_under_encoder_prefix(tmp_path):
@@ -2526,8 +2418,7 @@ def test_official_layout_with_or_without_ddp_prefix_loads_same_tensors(tmp_path,
     name = "DropPos_mae_vit_base_patch16_dec512d2b"
     got = load_as_file({"epoch": 5, "state_dict": official(sd, prefix), "optimizer": {}, "model": name},
                tmp_path)
-    assert same(got.model, sd) and got.epoch == 5 and got.arch["name"] == name
-    assert got.extra == {"ignored": [], "missing": []}
+    assert same(got.model, sd) and got.epoch == 5 and got.arch["name"] == name and got.extra == {}
 
 
 def test_save_model_layout_with_namespace_loads_under_weights_only(tmp_path):
@@ -2537,8 +2428,7 @@ def test_save_model_layout_with_namespace_loads_under_weights_only(tmp_path):
     got = load_as_file({"model": official(sd), "optimizer": {}, "epoch": 4, "scaler": {}, "args": ns},
                tmp_path)
     assert same(got.model, sd) and got.epoch == 5 and got.arch["decoder_depth"] == 2
-    assert got.extra == {"input_size": 16, "mask_ratio": 0.75, "pos_mask_ratio": 0.5,
-                         "ignored": [], "missing": []}
+    assert got.extra == {"mask_ratio": 0.75, "pos_mask_ratio": 0.5}
 
 
 def test_mae_pixel_decoder_is_ignored_not_mapped_to_position_head(tmp_path):
@@ -2549,29 +2439,6 @@ def test_mae_pixel_decoder_is_ignored_not_mapped_to_position_head(tmp_path):
     del mae["mask_pos_token"]
     got = load_as_file({"model": mae}, tmp_path)
     assert same(got.model, encoder_part(sd)) and got.source == "MAE encoder"
-    assert got.extra["ignored"] == ["decoder_blocks", "decoder_embed", "decoder_norm",
-                                    "decoder_pos_embed", "decoder_pred", "mask_token"]
-
-
-def test_a_position_head_that_fits_neither_the_grid_nor_the_pixels_is_refused(tmp_path):
-    bad = official(tiny_state())  # 16 cells, and a head for 15 (not MAE's 48 pixels either)
-    bad["decoder_pred.weight"], bad["decoder_pred.bias"] = torch.zeros(15, 32), torch.zeros(15)
-    with pytest.raises(train.UserError, match="decoder_pred of 15 outputs, neither one per position"):
-        load_as_file({"state_dict": bad, "epoch": 1}, tmp_path)
-
-
-def test_a_global_pool_classifier_without_the_encoders_norm_lends_it_its_fc_norm(tmp_path):
-    enc = {k: v for k, v in official(tiny_state()).items() if k.split(".")[0] in
-           ("cls_token", "pos_embed", "patch_embed", "blocks")}
-    fc_norm = {"fc_norm.weight": torch.rand(32), "fc_norm.bias": torch.rand(32)}
-    got = load_as_file({"model": {**enc, **fc_norm, "head.bias": torch.zeros(5)},
-                        "args": argparse.Namespace(model="vit_base_patch16"), "epoch": 0}, tmp_path)
-    assert got.extra["missing"] == [] and got.extra["ignored"] == ["head"]
-    assert torch.equal(got.model["encoder.norm.weight"], fc_norm["fc_norm.weight"])
-    assert "decoder_dim" not in got.arch and got.arch["heads"] == 12
-    del got.model["encoder.norm.bias"]  # without either norm: reported missing
-    nothing = load_as_file({"model": enc, "args": argparse.Namespace(model="vit_base_patch16")}, tmp_path)
-    assert nothing.extra["missing"] == ["norm"]
 
 
 def test_timm_state_dict_with_head_loads_encoder(tmp_path):
@@ -2590,7 +2457,7 @@ def test_garbage_and_truncated_files_are_corrupt(tmp_path):
     torch.save(tiny_state(), tmp_path / "t.pt")
     (tmp_path / "t.pt").write_bytes((tmp_path / "t.pt").read_bytes()[:1000])
     for f in ("g.pt", "t.pt"):
-        with pytest.raises(train.UserError, match="is corrupt, truncated or not a checkpoint"):
+        with pytest.raises(train.UserError, match="cannot read checkpoint"):
             train.load_checkpoint(tmp_path / f)
 
 
@@ -2603,50 +2470,28 @@ def test_pickled_foreign_class_is_one_line_error_naming_it(tmp_path):
     torch.save({"when": datetime.date(2024, 1, 1)}, tmp_path / "d.pt")
     with pytest.raises(train.UserError, match=r"datetime\.date") as e:
         train.load_checkpoint(tmp_path / "d.pt")
-    assert "\n" not in str(e.value) and "corrupt" not in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("kind", ["sincos", "learnable"])
 def test_encoder_shape_finds_sizes_and_pos_embed_kind(kind):
     assert train.encoder_shape(tiny_state(kind)) == dict(
         img_size=16, patch_size=4, dim=32, depth=2, heads=None, pos_embed=kind, decoder_dim=32,
-        decoder_depth=1, decoder_heads=None, num_positions=16)
+        decoder_depth=1, decoder_heads=None)
 
 
-def test_encoder_shape_refuses_non_square_grid():
-    sd = encoder_part(tiny_state())
-    sd["encoder.pos_embed"] = torch.zeros(1, 1 + 12, 32)
-    with pytest.raises(train.UserError, match="13 positions: .CLS. and 12 patches, not a square grid"):
-        train.encoder_shape(sd)
-
-
-@pytest.mark.parametrize("change, phrase", [
-    (lambda sd: sd.update({"encoder.pos_embed": torch.zeros(1, 17, 48)}), r"pos_embed \(1, 17, 48\) does not fit"),
-    (lambda sd: sd.update({"encoder.pos_embed": torch.zeros(17, 32)}), r"pos_embed \(17, 32\) does not fit"),
-    (lambda sd: sd.update({"encoder.pos_embed": torch.zeros(1, 16, 32)}), "16 positions, a square grid without .CLS."),
-    (lambda sd: sd.pop("decoder.embed.weight"), "position head .decoder_pred. but no decoder_embed.weight")])
-def test_encoder_shape_names_what_does_not_fit_a_vit(change, phrase):
+@pytest.mark.parametrize("pos_embed", [(1, 17, 48), (17, 32), (1, 16, 32), (1, 13, 32)])  # 16, 12: no square
+def test_encoder_shape_refuses_what_does_not_fit_a_vit(pos_embed):
     sd = tiny_state()
-    change(sd)
-    with pytest.raises(train.UserError, match=phrase):
+    sd["encoder.pos_embed"] = torch.zeros(pos_embed)
+    with pytest.raises(train.UserError, match=rf"pos_embed {re.escape(str(pos_embed))} and patch embedding"):
         train.encoder_shape(sd)
 
 
-def test_a_state_dict_with_a_non_string_key_or_non_finite_weights_is_refused_by_name(tmp_path):
+def test_a_state_dict_with_a_non_string_key_is_refused(tmp_path):
     enc = {k.removeprefix("encoder."): v for k, v in encoder_part(tiny_state()).items()}
     with pytest.raises(train.UserError, match="is not a checkpoint train.py can read"):
         load_as_file({1: torch.zeros(1), **enc}, tmp_path)
-    enc["blocks.1.mlp.fc1.weight"] = torch.full_like(enc["blocks.1.mlp.fc1.weight"], math.nan)
-    enc["norm.bias"] = torch.full_like(enc["norm.bias"], math.inf)
-    with pytest.raises(train.UserError, match=r"NaN or infinite weights \(encoder.blocks.1.mlp.fc1.weight and 1 more"):
-        load_as_file(enc, tmp_path)
-
-
-def test_namespace_facts_a_flag_could_not_take_count_as_absent(tmp_path):
-    ns = argparse.Namespace(model="custom", input_size="big", mask_ratio=None, pos_mask_ratio=True, epochs=100)
-    got = load_as_file({"model": official(tiny_state()), "optimizer": {}, "epoch": 49, "scaler": {}, "args": ns},
-                       tmp_path)
-    assert got.extra == {"epochs": 100, "ignored": [], "missing": []} and got.epoch == 50
 
 
 def test_a_timm_dict_with_the_position_decoder_is_not_called_an_encoder(tmp_path):
@@ -2660,8 +2505,6 @@ def test_an_arch_name_of_another_width_is_not_trusted_for_heads_and_old_flags_de
     args = train.parse_args(EVAL_TINY + ["--evaluate", str(tmp_path / "lying.pth"), *HEADS, "--decoder-heads", "2",
                                          "--output-dir", str(tmp_path / "ev")])
     assert (args.heads, args.decoder_heads) == (2, 2)
-    assert "its tensors are 32 wide, not 384: the name's head counts are not used" in train.WARNINGS[0]
-    train.WARNINGS.clear()
     # A train.py checkpoint of a version whose args lack img_size and patch_size: its tensors tell them.
     torch.save({"mode": "pretrain", "args": {"heads": 2, "dim": 32, "depth": 2, "decoder_dim": 32, "decoder_depth": 1,
                                              "decoder_heads": 2}, "model": sd, "epoch": 1}, tmp_path / "old.pt")
@@ -2772,19 +2615,6 @@ def test_evaluate_scores_a_checkpoint_and_its_official_layout_alike_and_repeatab
     assert "test_pos_top1" not in enc and enc["knn_top1"] == ours["knn_top1"]
 
 
-def test_an_evaluation_stopped_by_ctrl_c_leaves_no_folder_and_can_run_again(pretrained_run, tmp_path, monkeypatch,
-                                                                           capsys):
-    def ctrl_c(*_):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train, "run_knn", ctrl_c)  # the last number it computes
-    with pytest.raises(SystemExit) as stopped:
-        _train_in_process(EVAL_TINY + ["--evaluate", pretrained_run[0], "--output-dir", tmp_path / "ev"])
-    assert stopped.value.code == 130 and not (tmp_path / "ev").exists()
-    assert capsys.readouterr().err.strip() == "interrupted before anything was saved"
-    monkeypatch.undo()
-    assert "knn_top1" in _evaluation(["--evaluate", pretrained_run[0]], tmp_path / "ev")
-
-
 @slow
 def test_finetune_from_every_layout_gives_identical_runs(pretrained_run, tmp_path):
     ref_dir, _ = pretrained_run
@@ -2874,80 +2704,42 @@ def test_two_runs_started_together_into_one_folder_one_trains_the_other_refuses_
 
 @slow
 def test_a_second_run_into_a_live_runs_folder_refuses_naming_it_and_touches_nothing(tmp_path, capsys):
-    # A run still in its first epoch (no checkpoint yet): neither a new run nor --resume may go in,
-    # and neither is told to delete the folder.
+    # A run still in its first epoch (no checkpoint yet): a new run may not go in.
     long_epoch = TRAIN_TINY + ["--synthetic-size", 8000, "--epochs", 2, "--output-dir", tmp_path / "run"]
     proc = _start_train(long_epoch, tmp_path)
     try:
         _wait_for_step_of_epoch(proc, tmp_path / "run" / "metrics.jsonl", epoch=1)
-        for argv in (long_epoch,
-                     ["--resume", tmp_path / "run"]):
-            line = _fails(argv, capsys)
-            assert f"pid {proc.pid}" in line and "delete" not in line, line
+        assert f"pid {proc.pid}" in _fails(long_epoch, capsys)
         assert proc.poll() is None  # still training
     finally:
         proc.kill()
         proc.wait()
-    # Dead now (SIGKILL, before any checkpoint): the lock is stale and --resume says why nothing is
-    # there to continue, instead of "does not exist".
-    line = _fails(["--resume", tmp_path / "run"], capsys)
-    assert "stopped before it wrote the first one" in line
 
 
-def test_sigterm_before_anything_is_written_leaves_no_folder_and_restores_the_handler(tmp_path, monkeypatch):
-    def terminated(self, args, proc):  # SIGTERM while the data loads: the lock is held by then
-        os.kill(os.getpid(), signal.SIGTERM)
-    def not_taken_over(*_):  # a SIGTERM train.py left alone would end pytest itself
-        raise AssertionError("SIGTERM reached the handler in place before the run")
-    monkeypatch.setattr(train.Data, "__init__", terminated)
-    before = signal.signal(signal.SIGTERM, not_taken_over)
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            _train_in_process(TRAIN_TINY + ["--epochs", 1, "--output-dir", tmp_path / "a" / "run"])
-        assert stopped.value.code == 128 + signal.SIGTERM and not (tmp_path / "a").exists()
-        assert signal.getsignal(signal.SIGTERM) is not_taken_over  # restored
-    finally:
-        signal.signal(signal.SIGTERM, before)
-
-
-def test_a_live_evaluations_folder_is_refused_without_advising_resume(tmp_path):
-    folder, args = tmp_path / "ev", argparse.Namespace(output_dir=str(tmp_path / "ev"), resume=None)
-    folder.mkdir()
-    (folder / ".lock").write_text("pid 1: train.py --evaluate x.pt")
-    fd = os.open(folder / ".lock", os.O_RDWR)
+@slow
+def test_resume_into_a_live_runs_folder_is_refused_naming_the_live_run(run_copy, capsys):
+    before = _snapshot(run_copy)
+    (run_copy / ".lock").write_text("pid 1: train.py --epochs 9")
+    fd = os.open(run_copy / ".lock", os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # held by "another" open file, as a live process holds it
     try:
-        with pytest.raises(train.UserError) as refused:
-            train.FolderLock(args).__enter__()
-        assert "still going (pid 1: train.py --evaluate x.pt)" in str(refused.value)
-        assert "--resume" not in str(refused.value)
+        assert "live run (pid 1: train.py --epochs 9)" in _fails(["--resume", run_copy], capsys)
     finally:
         os.close(fd)
+    assert {k: v for k, v in _snapshot(run_copy).items() if k != ".lock"} == {
+        k: v for k, v in before.items() if k != ".lock"}
 
 
-def test_resume_into_a_live_runs_folder_names_the_live_run_before_any_other_advice(tmp_path, capsys):
-    folder = tmp_path / "run"
-    folder.mkdir()
-    (folder / "checkpoint.pt").write_bytes(b"not read: the live run comes first")
-    (folder / ".lock").write_text("pid 1: train.py --epochs 9")
-    fd = os.open(folder / ".lock", os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # held by "another" open file, as a live process holds it
-    try:
-        line = _fails(["--resume", folder, "--mask-ratio", "0.5"], capsys)  # a flag it would refuse
-        assert "still going (pid 1: train.py --epochs 9)" in line and "would change" not in line
-    finally:
-        os.close(fd)
-
-
-def test_a_lock_left_by_a_killed_run_is_stale_and_a_live_one_is_named(tmp_path):
+def test_a_lock_left_by_a_killed_run_blocks_nothing_and_a_live_one_is_named(tmp_path, capsys):
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / ".lock").write_text("pid 999999: train.py\n")  # written by a process now dead
-    assert train.live_owner(folder) is None
     args = argparse.Namespace(output_dir=str(folder), resume=str(folder))
     with train.FolderLock(args):  # taken over without complaint, and named while held
-        assert train.live_owner(folder) == f"pid {os.getpid()}: {' '.join(sys.argv)}"[:200]
-    assert train.live_owner(folder) is None
+        with pytest.raises(train.UserError, match=f"live run \\(pid {os.getpid()}: "):
+            train.FolderLock(args).__enter__()
+    with train.FolderLock(args):  # given back when its holder ends
+        pass
 
 
 def _busy(stop):
@@ -3051,59 +2843,11 @@ def test_resume_from_a_checkpoint_path_writes_only_into_its_own_folder(run_copy,
 
 
 @slow
-def test_resuming_a_finished_run_rewrites_missing_or_unreadable_outputs(run_copy):
-    ck = torch.load(run_copy / "checkpoint.pt", weights_only=True)
-    (run_copy / "encoder.pt").write_bytes(b"")  # what an in-place write left after a kill
-    (run_copy / "reassembly.png").unlink()
-    rows = (run_copy / "metrics.jsonl").read_text()
-    stdout = _train_in_process(["--resume", run_copy])
-    assert "is complete" in stdout and "rewrote encoder.pt, reassembly.png" in stdout
-    enc = torch.load(run_copy / "encoder.pt", weights_only=True)
-    assert all(torch.equal(v, ck["model"][f"encoder.{k}"]) for k, v in enc.items())
-    assert Image.open(run_copy / "reassembly.png").format == "PNG"
-    assert (run_copy / "metrics.jsonl").read_text() == rows
-    assert "its files are intact" in _train_in_process(["--resume", run_copy])
-
-
-@slow
-def test_rows_deleted_by_hand_stay_deleted_and_no_row_repeats_over_two_more_sittings(pretrained_run, tmp_path):
-    ref_dir, _ = pretrained_run
-    proc, out_dir = _start_and_reach_second_epoch(tmp_path)
-    proc.kill()
-    proc.wait()
-    metrics = out_dir / "metrics.jsonl"
-    lines = metrics.read_text().splitlines(keepends=True)
-    metrics.write_text("".join(lines[3:]) + lines[3][:10])  # 3 rows gone, half a row at the end
-    spe = torch.load(out_dir / "checkpoint.pt", weights_only=True)["metrics_rows"] - 1  # rows of epoch 1
-    proc = _start_train(["--resume", out_dir], tmp_path)
-    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
-    while proc.poll() is None and time.monotonic() < deadline:  # killed again in epoch 2, mid-way
-        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.endswith("}")]
-        if any(r.get("step", 0) >= spe + 6 for r in rows):
-            break
-        time.sleep(0.01)
-    proc.kill()
-    proc.wait()
-    _train_in_process(["--resume", out_dir])
-    assert _learned_rows(metrics) == _learned_rows(ref_dir / "metrics.jsonl")[3:]
-
-
-@slow
-def test_a_finished_run_drops_rows_appended_to_its_metrics_and_says_so(run_copy):
-    rows = (run_copy / "metrics.jsonl").read_text()
-    with open(run_copy / "metrics.jsonl", "a") as f:
-        f.write('{"epoch": 99, "step": 999999, "loss": 1.0}\nxx{')  # a row from nowhere, half a row
-    assert "rewrote metrics.jsonl" in _train_in_process(["--resume", run_copy])
-    assert (run_copy / "metrics.jsonl").read_text() == rows
-
-
-@slow
-def test_a_run_that_lost_its_metrics_file_says_so_on_resume_and_still_draws_its_curves(run_copy, capsys):
-    (run_copy / "metrics.jsonl").unlink()
-    (run_copy / "curves.png").unlink()
-    assert "rewrote curves.png" in _train_in_process(["--resume", run_copy])
-    assert "metrics.jsonl' has lost" in capsys.readouterr().err
-    assert Image.open(run_copy / "curves.png").format == "PNG"
+def test_resuming_a_finished_run_says_it_is_complete_and_changes_nothing(run_copy):
+    before = _snapshot(run_copy)
+    assert "is complete (3 epochs)" in _train_in_process(["--resume", run_copy])
+    assert {k: v for k, v in _snapshot(run_copy).items() if k != ".lock"} == {
+        k: v for k, v in before.items() if k != ".lock"}
 
 
 def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
@@ -3114,7 +2858,7 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
         f.write(b"half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(train.UserError, match="No space left on device"):
+    with pytest.raises(OSError, match="No space left on device"):
         train.atomic_write(path, full_disk)
     assert path.read_bytes() == b"the last good one"
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
@@ -3140,7 +2884,7 @@ def test_a_disk_that_fills_mid_run_ends_in_one_line_and_the_last_good_checkpoint
 
 
 @pytest.mark.parametrize("case", ["a file", "under a file", "read-only"])
-def test_an_unwritable_output_folder_is_one_line_before_training(case, tmp_path, monkeypatch, capsys):
+def test_an_unwritable_output_folder_is_one_line(case, tmp_path, monkeypatch, capsys):
     (tmp_path / "file").write_text("not a folder")
     out = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "run",
            "read-only": tmp_path / "ro"}[case]
@@ -3154,8 +2898,8 @@ def test_an_unwritable_output_folder_is_one_line_before_training(case, tmp_path,
 
         monkeypatch.setattr(train, "open", read_only_open, raising=False)
     line = _fails(TRAIN_TINY + ["--epochs", 1, "--output-dir", out], capsys)
-    assert {"a file": "is a file", "under a file": "cannot create the output folder",
-            "read-only": "Read-only file system"}[case] in line
+    assert {"a file": "File exists", "under a file": "Not a directory",
+            "read-only": "Read-only file system"}[case] in line and str(out) in line
 
 
 # --------------------------------------------------------------------------------------------
@@ -3208,36 +2952,6 @@ def test_sigterm_under_torchrun_saves_a_checkpoint_of_every_process_within_secon
     assert ck["epoch"] >= 1 and len(ck["ranks"]) == 2
 
 
-def _pids_running(marker):
-    """Pids of the processes whose command line contains `marker`."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and marker in (d / "cmdline").read_bytes().decode(errors="replace"):
-                pids.append(int(d.name))
-        except OSError:
-            continue
-    return pids
-
-
-@slow
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the workers through /proc")
-def test_workers_of_a_killed_torchrun_stop_by_themselves_within_seconds(tmp_path):
-    proc, out_dir = _start_and_reach_second_epoch(tmp_path, torchrun=True, epochs=50)
-    workers = [p for p in _pids_running(str(out_dir)) if p != proc.pid]
-    assert len(workers) == 2, workers
-    proc.kill()  # SIGKILL torchrun: nobody tells its workers
-    proc.wait()
-    deadline = time.monotonic() + 30
-    while _pids_running(str(out_dir)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _pids_running(str(out_dir)), "the workers trained on without their torchrun"
-    assert "torchrun (pid" in (tmp_path / "stderr.txt").read_text()
-    # They saved where they were: the run resumes (the lock died with them).
-    assert torch.load(out_dir / "checkpoint.pt", weights_only=True)["epoch"] >= 1
-    assert train.live_owner(out_dir) is None
-
-
 def test_per_image_augmentation_leaves_the_global_cpu_and_cuda_rngs_untouched():
     ds = train.SeededTransform(train.SyntheticImages(4, 32), train.train_transform(32), seed=0)
     cpu = torch.get_rng_state()
@@ -3261,8 +2975,7 @@ def test_benchmark_prints_one_json_line_with_throughput_memory_flops_and_utiliza
     # Its own process: memory is the growth of resident memory, which a process that has already
     # held more (this one, after other tests) keeps and reuses without growing.
     stdout = subprocess.run(
-        [sys.executable, "train.py", *map(str, bench_tiny), "--benchmark", "--bench-steps", "2",
-         "--bench-warmup", "1"], cwd=TRAIN_DIR, env=_train_env(), capture_output=True, text=True,
+        [sys.executable, "train.py", *map(str, bench_tiny), "--benchmark"], cwd=TRAIN_DIR, env=_train_env(), capture_output=True, text=True,
         timeout=SUBPROCESS_TIMEOUT, check=True).stdout
     lines = stdout.strip().splitlines()
     assert len(lines) == 1

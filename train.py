@@ -16,13 +16,9 @@ loop, then everything one pre-training step touches (tasks, optimiser, CIFAR's d
 evaluation). Part II protects: flags, checkpoints, run folder and resume, processes, pictures.
 """
 
-import signal  # first: Ctrl-C while the imports load (seconds, torch) ends the command quietly
-
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # nothing has begun; main() takes Ctrl-C over
-
 import argparse
 import ctypes
+import datetime
 import errno
 import fcntl
 import functools
@@ -31,10 +27,8 @@ import math
 import os
 import random
 import re
-import shutil
+import signal
 import sys
-import textwrap
-import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -46,7 +40,7 @@ import torch.nn.functional as F
 import torchvision
 from einops import repeat
 from PIL import Image, ImageChops, ImageDraw, ImageFont
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 
 import droppos
@@ -73,19 +67,17 @@ def train(args):
     torch.manual_seed(args.seed + proc.rank)  # then masks that differ between processes,
     random.seed(args.seed + proc.rank)
     run = RunFolder(args, proc, task, optimizer, data)  # or a resumed run's RNG, weights, step
-    if run.epoch == args.epochs:
-        return run.finish_complete_run()
+    if run.epoch == args.epochs:  # resuming a finished run: nothing left to do
+        say(f"the run in {run.folder} is complete ({args.epochs} epochs)")
+        return task.model
     net = wrap_model(task.model, args, proc)  # torch.compile, DistributedDataParallel
     steps = data.stream.steps  # per epoch
     total, warmup = steps * args.epochs, int(args.warmup_epochs * steps)
     base_lr = args.blr * args.batch_size * proc.world / 256
     log = run.open_log(total)
-    say_warnings()
-    say(f"{task.name}{task.source} on {args.dataset}: {data.describe()}; {proc.world} "
-               f"process(es) on {proc.device}, {proc.precision} ({proc.precision_why}), "
-               f"{proc.threads or 'CUDA'}; "
-               f"{task.n_params() / 1e6:.2f}M parameters, lr {base_lr:.2e}, {steps} steps per "
-               f"epoch, {args.epochs} epoch{'s' * (args.epochs > 1)}, folder {run.folder}")
+    say_start(f"{task.name}{task.source}", data, proc,
+              f"{task.n_params():,} trainable parameters, lr {base_lr:.2e}, {steps} steps per "
+              f"epoch, {args.epochs} epoch{'s' * (args.epochs > 1)}, folder {run.folder}")
     with StopRequest() as stop:
         for epoch in range(run.epoch, args.epochs):  # epochs and steps count from 0 here
             task.model.train()
@@ -102,7 +94,7 @@ def train(args):
                 if why:
                     run.stop(why, epoch, step + 1, stop.signalled)  # saves or explains; exits
             results = task.evaluate(epoch + 1)
-            log.epoch_summary(epoch + 1, results, data.stream.left_out(proc))
+            log.epoch_summary(epoch + 1, results)
             log.draw_curves(task.chance())
             run.save(epoch + 1, 0)
             task.write_outputs(run.folder)
@@ -122,7 +114,7 @@ class Task:
     def __init__(self, args, data, proc):
         self.args, self.data, self.proc = args, data, proc
         self.source = source_line(args)  # where the weights come from, for the start-up line
-        self.clip_each = per_parameter_clip(args.recipe, self.mode)
+        self.clip_each = switch(args.recipe, self.mode, "clip_each")  # `optimizer_step`
 
     def n_params(self):
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -133,8 +125,8 @@ class Task:
     def log_fields(self, progress):  # extra numbers for the progress line
         return {}
 
-    def write_outputs(self, folder, only_broken=False):  # files besides checkpoint.pt -> names
-        return []
+    def write_outputs(self, folder):  # files besides checkpoint.pt
+        pass
 
     def state_dict(self):  # what a checkpoint keeps of the task itself
         return {}
@@ -181,8 +173,14 @@ class Pretraining(Task):
                     knn_top1=100 / self.data.num_classes,
                     pos_top1=100 / self.model.encoder.num_patches)
 
-    def write_outputs(self, folder, only_broken=False):  # encoder.pt, reassembly.png
-        return write_pretraining_files(self, folder, only_broken)
+    def write_outputs(self, folder):
+        """encoder.pt (timm's key names) and reassembly.png, from rank 0."""
+        if self.proc.rank == 0:
+            encoder = self.model.encoder.state_dict()
+            atomic_write(folder / "encoder.pt", lambda f: torch.save(encoder, f))
+            beliefs = self.beliefs["test_pos"] if self.beliefs else None
+            png = folder / "reassembly.png"
+            save_reassembly(self.model, self.vis_imgs, png, self.proc, beliefs)
 
 class Finetuning(Task):
     """A classifier on the pre-trained (or a random) encoder: MAE's fine-tuning recipe, layer-wise
@@ -249,10 +247,9 @@ class FrozenEncoder(nn.Module):
 
 class LocationProbe(FrozenEncoder):
     """The paper's location probe (its analysis section) on a frozen encoder: every patch visible,
-    the position embeddings of a random `pos_mask_ratio` of them replaced by one vector learned
-    with the probe (zero at start for every encoder: the paper does not say what it used). Linear
-    heads predict the positions of the patches that lost their embedding (`head`, the measure) and
-    of those that kept it (`control`: can a position that is there be read?)."""
+    the position embeddings of a random `pos_mask_ratio` of them replaced by one learned vector
+    (zero at start: the paper does not say). Linear heads predict the positions of the patches
+    that lost their embedding (`head`, the measure) and of the others (`control`)."""
 
     def __init__(self, encoder, pos_mask_ratio):
         super().__init__()
@@ -309,7 +306,8 @@ class LocationProbing(Task):
         return probe_positions(self.model, self.data, self.args, self.proc)
 
     def chance(self):
-        return chance_of_grid(self.model.encoder.grid, "probe")
+        grid = self.model.encoder.grid
+        return chance_of_grid(grid, "probe") | chance_of_grid(grid, "control")
 
 class LinearProbing(Task):
     name, mode = "linear probe", "linear_probe"
@@ -376,7 +374,8 @@ def make_optimizer(groups, betas, device, lr=1e-4):  # the loop sets each step's
 
 def optimizer_step(model, optimizer, loss, clip_grad, per_parameter=False):
     """Backward, clip the gradients' joint norm (0 = no clipping) or, per_parameter, each
-    gradient's own (`per_parameter_clip`: no layer's large gradient shrinks the others), update."""
+    gradient's own (the official pre-training's: no layer's large gradient shrinks the others),
+    update."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip_grad > 0:
@@ -384,11 +383,6 @@ def optimizer_step(model, optimizer, loss, clip_grad, per_parameter=False):
         for group in [[p] for p in params] if per_parameter else [params]:
             nn.utils.clip_grad_norm_(group, clip_grad)  # g *= min(1, clip / (‖g‖ + 1e-6))
     optimizer.step()
-
-def per_parameter_clip(recipe_name, mode):
-    """Whether clipping bounds each gradient on its own (the official pre-training's
-    clip_gradients); MAE's fine-tuning, when asked to clip, clips the joint norm."""
-    return switch(recipe_name, mode, "clip_each")
 
 def lr_at(step, total, warmup, base_lr, min_lr):
     """Linear warm-up, then half-cosine to min_lr, per optimiser step."""
@@ -418,17 +412,16 @@ class Data:
         if mode != "evaluate" and len(self.train) < args.batch_size * proc.world:
             raise UserError(f"the training set has {len(self.train)} images, fewer than one batch "
                             f"({args.batch_size} × {proc.world} processes); lower --batch-size")
-        targets = torch.tensor(targets_of(self.train.dataset), dtype=torch.long)
+        targets = torch.tensor(self.train.dataset.targets, dtype=torch.long)
         self.per_class = targets[self.train.indices].bincount(minlength=self.num_classes).tolist()
-        if proc.rank == 0:
-            warn_about_classes(self)
+        warn_about_split_names(self.train.dataset, args.data_dir)
         self.stream = (TrainStream(self.train, args, proc.rank, proc.world, mode, proc.device)
                        if mode != "evaluate" else None)
 
     def describe(self):
         """The start-up line's account of the data."""
         a, (h, w) = self.args, droppos.grid_size(self.args.img_size, self.args.patch_size)
-        return (f"{len(self.stream.data)} images in {self.num_classes} classes "
+        return (f"{len(self.train)} images in {self.num_classes} classes "
                 f"({min(self.per_class)}-{max(self.per_class)} per class), {a.img_size} px, "
                 f"patch {a.patch_size}, grid {h}x{w}")
 
@@ -441,18 +434,15 @@ def load_datasets(args):
         train, held_out = load_cifar(args)
     else:
         train, held_out = load_imagefolder(args)
-    num_classes = min(len(set(targets_of(train))), args.classes or math.inf)
-    keep = take_classes(targets_of(train), args.classes, args.per_class)
+    num_classes = min(len(set(train.targets)), args.classes or math.inf)
+    keep = take_classes(train.targets, args.classes, args.per_class)
     if held_out is None:  # a deterministic hold-out: every 10th kept image
         held_out, keep = Subset(train, keep[::10]), [i for j, i in enumerate(keep) if j % 10]
     else:
-        held_out = Subset(held_out, take_classes(targets_of(held_out), args.classes, None))
+        held_out = Subset(held_out, take_classes(held_out.targets, args.classes, None))
     if len(held_out) == 0:
         raise UserError("the held-out set has no images of the kept classes (--val-dir, --classes)")
     return Subset(train, keep), held_out, num_classes
-
-def targets_of(ds):
-    return ds.targets if hasattr(ds, "targets") else [c for _, c in ds.samples]
 
 def take_classes(targets, classes, per_class):
     """Indices of the images of the first `classes` classes, at most `per_class` each, in order."""
@@ -465,9 +455,8 @@ def take_classes(targets, classes, per_class):
 
 class TrainStream:
     """This process's training batches, augmented and normalised on the device: CIFAR-size sets
-    are decoded once into memory and augmented a batch at a time, photos one by one from their full
-    resolution (`SeededTransform`). Both seed the augmentation by (seed, epoch, step or image), so
-    a resumed epoch sees the crops it would have seen."""
+    held in memory and augmented a batch at a time, photos one by one (`SeededTransform`). Both
+    seed augmentation by (seed, epoch, step or image): a resumed epoch sees the same crops."""
 
     def __init__(self, train_set, args, rank, world, mode, device):
         self.args, self.rank, self.device = args, rank, device
@@ -479,12 +468,10 @@ class TrainStream:
         stored = None if mae_augment else decode_in_memory(train_set, args.img_size)
         self.in_memory = stored is not None
         if self.in_memory:
-            images, labels, bad = stored
-            self.data = torch.utils.data.TensorDataset(images, labels)
+            self.data = torch.utils.data.TensorDataset(*stored)
         else:
             transform = train_transform(args.img_size, finetune, mae_augment)
-            bad, self.data = [], SeededTransform(train_set, transform, args.seed)
-        self.bad_at_start = len(bad) if rank == 0 else 0  # left out of every epoch, counted once
+            self.data = SeededTransform(train_set, transform, args.seed)
         # Indexing a tensor needs no loader processes: they would only compete for the cores.
         self.workers = 0 if self.in_memory else args.workers
         self.sampler = DistributedSampler(self.data, world, rank, seed=args.seed, drop_last=True)
@@ -499,26 +486,14 @@ class TrainStream:
         order = list(self.sampler)[start_step * a.batch_size:]  # a resumed epoch starts mid-way
         # The generator keeps the loader from drawing its seed from the global RNG (exact resume).
         loader = DataLoader(self.data, a.batch_size, sampler=order, drop_last=True,
-                            num_workers=self.workers, collate_fn=collate_readable,
+                            num_workers=self.workers,
                             generator=torch.Generator().manual_seed(a.seed))
-        self.skipped = self.bad_at_start  # unreadable images this process left out of the epoch
-        for step, (imgs, labels, bad) in enumerate(loader, start_step):
-            warn_unreadable(bad)
-            self.skipped += len(bad)
-            if imgs is None:
-                raise UserError(f"every image of a batch was unreadable, e.g. {bad[0]}")
+        for step, (imgs, labels) in enumerate(loader, start_step):
             imgs = imgs.to(self.device, non_blocking=True)
             if self.in_memory:
                 g = torch.Generator().manual_seed(mix_seed(a.seed, epoch, step, self.rank))
                 imgs = augment_batch(imgs, a.img_size, self.scale, g)
             yield step, (imgs, labels.to(self.device, non_blocking=True))
-
-    def left_out(self, proc):
-        """Unreadable training images left out of the epoch that just ended, over all processes."""
-        n = torch.tensor(self.skipped, device=proc.device)
-        if proc.world > 1:
-            dist.all_reduce(n)
-        return int(n)
 
 def mix_seed(*parts):
     """One 63-bit seed from several integers, different for different tuples in practice."""
@@ -568,15 +543,11 @@ def resample_crops(imgs, boxes, flip, size):
 # 5. Evaluation: k-NN, top-1, position scores ======================================================
 
 def eval_batches(images, args, proc, batch_size):
-    """This process's share of a set of images, unaugmented, as (images, labels) on the device;
-    unreadable images are named and left out."""
+    """This process's share of a set of images, unaugmented, as (images, labels) on the device."""
     ds = SeededTransform(images, eval_transform(args.img_size, eval_crop_pct(args)), 0)
     shard = Subset(ds, range(proc.rank, len(ds), proc.world))
-    loader = DataLoader(shard, batch_size, num_workers=args.workers, collate_fn=collate_readable)
-    for imgs, labels, bad in loader:
-        warn_unreadable(bad)
-        if imgs is not None:
-            yield imgs.to(proc.device, non_blocking=True), labels.to(proc.device, non_blocking=True)
+    for imgs, labels in DataLoader(shard, batch_size, num_workers=args.workers):
+        yield imgs.to(proc.device, non_blocking=True), labels.to(proc.device, non_blocking=True)
 
 @torch.no_grad()
 def extract_features(encoder, batches, proc):
@@ -613,7 +584,7 @@ def run_knn(encoder, data, args, proc):
     bank_f, bank_y = extract_features(encoder, eval_batches(data.train, args, proc, 256), proc)
     test_f, test_y = extract_features(encoder, eval_batches(data.held_out, args, proc, 256), proc)
     encoder.train()
-    pred = knn_classify(bank_f, bank_y, test_f, data.num_classes, args.knn_k, args.knn_t)
+    pred = knn_classify(bank_f, bank_y, test_f, data.num_classes)
     return 100.0 * (pred == test_y).float().mean().item()
 
 @torch.no_grad()
@@ -716,14 +687,12 @@ MODES = ("benchmark", "evaluate", "finetune", "location_probe", "linear_probe")
 PRETRAIN = {"pretrain", "benchmark"}  # --benchmark times pre-training steps
 TRAINS = {"pretrain", "finetune", "location_probe", "linear_probe"}  # the modes with a run
 STEPS = TRAINS | {"benchmark"}  # the modes that take optimiser steps
+BENCH_WARMUP, BENCH_STEPS = 3, 10  # --benchmark's untimed, then timed steps
 
-# --recipe: per mode, the defaults of the flags the user did not type, and switches that no flag
-# sets (read by `switch`). laptop's are tuned for short CPU runs. paper's pre-training is the
-# official DropPos code's (main_pretrain.py, scripts/pretrain_base.sh: the ViT-B decoder dec512d2b
-# whatever the encoder, each gradient clipped on its own, [CLS] and [MASK] decayed), its
-# fine-tuning DropPos's scripts, which run MAE's recipe (no clipping, a floor under the cosine,
-# RandAugment and RandomErasing, a head pooling without the encoder's norm, 224/256 evaluation
-# crop). Entries equal to the parser's default are listed too: each column reads as the recipe.
+# --recipe: per mode, the defaults of the flags not typed, and switches no flag sets (`switch`).
+# laptop's suit short CPU runs. paper's pre-training is the official DropPos code's
+# (main_pretrain.py, scripts/pretrain_base.sh), its fine-tuning MAE's recipe as DropPos's scripts
+# run it. Entries equal to the parser's default are listed too: each column reads as the recipe.
 SWITCHES = dict(no_decay="laptop", clip_each=False, mae_head=False, mae_augment=False,
                 eval_crop=1.0)
 RECIPES = {
@@ -741,8 +710,7 @@ RECIPES = {
 }
 
 def recipe(name, mode):
-    """What --recipe `name` sets in `mode`: flag defaults and switches (probes share a column,
-    --benchmark reads pre-training's)."""
+    """What --recipe `name` sets in `mode` (probes share a column, --benchmark pre-training's)."""
     column = "probe" if mode.endswith("probe") else "pretrain" if mode == "benchmark" else mode
     return {**RECIPES[name].get("every mode", {}), **RECIPES[name].get(column, {})}
 
@@ -762,26 +730,13 @@ def number(kind, low, high=math.inf, low_in=True, high_in=False):
     parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
     return parse
 
-def path(text):
-    """An argparse type for a path: '' would be the current folder, never what is meant."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"must name a file or folder, got {text!r}")
-    return text
-
 def checkpoint(text):
     """An argparse type for a checkpoint flag: a file, or a run's folder for its checkpoint.pt."""
-    inside = Path(path(text), "checkpoint.pt")
+    inside = Path(text, "checkpoint.pt")
     return str(inside) if text not in ("scratch", "random") and inside.is_file() else text
 
 COUNT, NATURAL = number(int, 1), number(int, 0)
-
-def SIZE(text):  # a COUNT that can be a tensor's side: torch fails on larger ones with a TypeError
-    v = COUNT(text)
-    if v >= 2 ** 31:
-        raise argparse.ArgumentTypeError(f"must be < 2147483648, got {text}")
-    return v
-
-SIZE.__name__ = "int"
+SIZE = number(int, 1, 2 ** 31)  # a tensor's side: torch fails on larger ones with a TypeError
 SHARE, POSITIVE, NONNEGATIVE = number(float, 0, 1), number(float, 0, low_in=False), number(float, 0)
 SHARE_OR_ALL = number(float, 0, 1, low_in=False, high_in=True)  # (0, 1]
 
@@ -790,49 +745,41 @@ class Parser(argparse.ArgumentParser):
         message = re.sub(r"^argument (\S+): must", r"\1 must", message)  # from `number`
         raise UserError(f"{message} (see --help)")
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help shows each flag's default, where it has one, and the default --recipe paper gives."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, each flag's default after its help."""
 
     def _get_help_string(self, action):
-        modes = {m: RECIPES["paper"][m][action.dest] for m in ("pretrain", "finetune")
-                 if action.dest in RECIPES["paper"][m]}
-        paper = ("" if not modes else f"; --recipe paper: {modes['pretrain']} pre-training, "
-                 f"{modes['finetune']} fine-tuning" if len(set(modes.values())) > 1
-                 else f"; --recipe paper: {next(iter(modes.values()))}")
-        if not any(action.default is v for v in (None, False, argparse.SUPPRESS)):  # 0 == False
-            return f"{action.help} (default: %(default)s{paper})"
-        if paper and action.help.endswith(")"):  # a default written into the help: "(default: ...)"
-            return f"{action.help[:-1]}{paper})"
-        return action.help + (f" ({paper[2:]})" if paper else "")
+        if action.default is None or action.default is False:  # the help explains it, if needed
+            return action.help
+        return super()._get_help_string(action)
 
 def build_parser():
-    """Every flag once: its group, type (whose range it checks), default and help, the modes it
-    applies in (`applies`; every mode if absent), whether --resume may change it (`free`: it
-    changes nothing the run learns) and whether it is the encoder's shape (`shape`)."""
+    """Every flag once: its group, type (whose range it checks), default and help, the modes and
+    datasets it applies to (`applies`; all of a kind it names none of), whether --resume may
+    change it (`free`: nothing the run learns) and whether it is the encoder's shape (`shape`)."""
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
 
     def group(title):
         g = p.add_argument_group(title)
 
-        def add(name, help, applies=None, free=False, shape=False, datasets=None, **kw):
+        def add(name, help, applies=None, free=False, shape=False, **kw):
             action = g.add_argument(name, help=help, **kw)
             action.applies, action.free, action.shape = applies, free, shape
-            action.datasets = datasets  # the --dataset values it applies to (None: every one)
         return add
 
     add = group("data")
     add("--dataset", "what to train on; synthetic needs no download", default="cifar10",
         choices=list(DATASETS))
     add("--data-dir", "where CIFAR is downloaded to; for imagefolder, the ImageFolder tree (one "
-        "sub-folder per class) of training images", default="data", free=True, type=path,
-        datasets=("cifar10", "cifar100", "imagefolder"))
+        "sub-folder per class) of training images", {"cifar10", "cifar100", "imagefolder"},
+        default="data", free=True)
     add("--val-dir", "imagefolder: a held-out ImageFolder tree for k-NN and fine-tuning top-1 "
-        "(default: every 10th training image is held out)", TRAINS | {"evaluate"}, free=True,
-        type=path, datasets=("imagefolder",))
+        "(default: every 10th training image is held out)", TRAINS | {"evaluate", "imagefolder"},
+        free=True)
     add("--classes", "keep only the first K classes (default: all)", type=COUNT)
     add("--per-class", "keep at most M training images per class (default: all)", type=COUNT)
-    add("--synthetic-size", "synthetic: number of training images", type=COUNT, default=2048,
-        datasets=("synthetic",))
+    add("--synthetic-size", "synthetic: number of training images", {"synthetic"}, type=COUNT,
+        default=2048)
     add("--workers", "loader processes for photos (default: 0 on a CPU, where they would slow "
         "the step; 8 on a GPU); CIFAR-size sets are held in memory", type=NATURAL, free=True)
 
@@ -866,10 +813,8 @@ def build_parser():
 
     add = group("optimisation")
     add("--recipe", "laptop: defaults for small runs on a CPU budget. paper: the official DropPos "
-        "pre-training (its defaults below, the ViT-B decoder at any size, each gradient clipped "
-        "on its own, [CLS] and [MASK] tokens decayed) and MAE's fine-tuning as DropPos runs it "
-        "(RandAugment and RandomErasing, a head that pools without the encoder's final norm); "
-        "224/256 evaluation crop in every mode. Flags you type win over either",
+        "pre-training and MAE's fine-tuning as DropPos runs it, 224/256 evaluation crop (RECIPES "
+        "in train.py lists every value). Flags you type win over either",
         default="laptop", choices=sorted(RECIPES))
     add("--epochs", "length of the run", TRAINS, type=COUNT, default=100)
     add("--batch-size", "images per step and process", type=COUNT, default=64)
@@ -905,18 +850,13 @@ def build_parser():
         "parameters and a linear classifier", metavar="CHECKPOINT|random", type=checkpoint)
 
     add = group("output and evaluation")
-    add("--output-dir", "the run's folder (default: runs/<dataset>-pretrain, runs/<dataset>-scratch"
-        ", runs/<checkpoint's run>-<mode> such as -finetune or -location-probe, runs/<dataset>-"
-        "random-<mode>; then -paper for --recipe paper and -seedN for seed N > 0)",
-        TRAINS | {"evaluate"}, free=True, type=path)
+    add("--output-dir", "the run's folder (default: runs/ and a name from the dataset or the "
+        "checkpoint's run, the mode, the recipe and the seed)",
+        TRAINS | {"evaluate"}, free=True)
     add("--resume", "continue the run in FOLDER exactly where it stopped, with the flags it was "
-        "started with", metavar="FOLDER|CHECKPOINT", free=True, type=path)
+        "started with", metavar="FOLDER|CHECKPOINT", free=True)
     add("--knn-every", "k-NN monitor every N epochs and at the end (0 = off)", {"pretrain"},
         type=NATURAL, default=10, free=True)
-    add("--knn-k", "neighbours of the k-NN monitor", {"pretrain", "evaluate"}, type=COUNT,
-        default=20, free=True)
-    add("--knn-t", "temperature of the k-NN vote", {"pretrain", "evaluate"}, type=POSITIVE,
-        default=0.07, free=True)
     add("--log-every", "seconds between progress lines (0 = every step)", TRAINS,
         type=NONNEGATIVE, default=5.0, free=True)
 
@@ -925,14 +865,13 @@ def build_parser():
         free=True)
     add("--precision", "auto: bf16 autocast on a GPU, and on a CPU whose bf16 matmuls beat fp32 "
         "ones", default="auto", choices=["auto", "bf16", "fp32"], free=True)
-    add("--compile", "torch.compile the model: minutes of start-up, and on a 2-core CPU no faster "
-        "step (148 against 147 images/s; it pays nowhere measured yet)", STEPS,
+    add("--compile", "torch.compile the model: minutes of start-up; on a 2-core CPU no faster "
+        "step", STEPS,
         action="store_true", free=True)
 
     add = group("benchmark")
-    add("--benchmark", "time training steps and print one JSON line", action="store_true")
-    add("--bench-steps", "timed steps", {"benchmark"}, type=COUNT, default=10)
-    add("--bench-warmup", "untimed steps first", {"benchmark"}, type=NATURAL, default=3)
+    add("--benchmark", f"time {BENCH_STEPS} training steps after {BENCH_WARMUP} untimed ones and "
+        "print one JSON line", action="store_true")
     return p
 
 FLAGS = {a.dest: a for a in build_parser()._actions if a.dest != "help"}
@@ -950,6 +889,7 @@ def parse_args(argv=None):
     if args.resume:
         return resumed_args(args, given)
     check_mode_flags(args, given)
+    check_applies(given, mode_of(args), args.dataset)
     complete_args(args, given)
     return args
 
@@ -970,14 +910,6 @@ def check_mode_flags(args, given):
     mode = mode_of(args)
     for name in sorted(given & set(MODES) - {mode}):
         raise UserError(f"{flag(name)} does not apply with {flag(mode)}")
-    for name in sorted(given):
-        applies = FLAGS[name].applies
-        if applies and mode not in applies and mode == "pretrain":
-            raise UserError(f"{flag(name)} applies only with "
-                            f"{' or '.join(flag(m) for m in MODES if m in applies)}")
-        if applies and mode not in applies:
-            raise UserError(f"{flag(name)} does not apply with {flag(mode)}")
-    check_dataset_flags(given, args.dataset)
     if mode == "evaluate" and not source_of(args):
         raise UserError(f"--evaluate scores a checkpoint, not {args.evaluate!r} (a folder of that "
                         f"name: ./{args.evaluate}); random weights are scored by --location-probe "
@@ -986,11 +918,16 @@ def check_mode_flags(args, given):
         raise UserError(f"--model does not apply with {flag(mode)} CHECKPOINT: the encoder's "
                         f"shape comes from the checkpoint")
 
-def check_dataset_flags(given, dataset):
+def check_applies(given, mode, dataset):
+    """Refuse a typed flag that cannot apply to the mode or the dataset, rather than ignore it."""
+    def named(k):
+        return f"--dataset {k}" if k in DATASETS else "pre-training" if k == "pretrain" else flag(k)
     for name in sorted(given):
-        datasets = FLAGS[name].datasets
-        if datasets and dataset not in datasets:
-            raise UserError(f"{flag(name)} applies only with --dataset {' or '.join(datasets)}")
+        for chosen, kinds in ((mode, ("pretrain", *MODES)), (dataset, tuple(DATASETS))):
+            allowed = [k for k in kinds if k in (FLAGS[name].applies or ())]
+            if allowed and chosen not in allowed:
+                raise UserError(f"{flag(name)} applies only with "
+                                f"{' or '.join(map(named, allowed))}")
 
 def complete_args(args, given):
     """Fill the defaults that depend on other flags; a checkpoint decides the encoder."""
@@ -1003,7 +940,6 @@ def complete_args(args, given):
             warn(f"the images in --data-dir are {native[0]}x{native[1]} px, but --{args.dataset} "
                  f"trains at {args.img_size} px unless told otherwise: pass --img-size "
                  f"{min(native)} to train at their size")
-    check_heads(args, given)
     if args.patch_size is None:
         args.patch_size = 4 if args.img_size == 32 else 16
     for name, value in recipe(args.recipe, mode_of(args)).items():
@@ -1027,25 +963,11 @@ def first_image_size(args):
                 continue
     return None
 
-def check_heads(args, given):
-    """A typed --heads that splits a preset's width differently from that preset is most likely a
-    slip: the weights load either way, but the encoder computes something else."""
-    dim = args.dim or PRESETS[args.model]["dim"]
-    heads = args.heads or PRESETS[args.model]["heads"]
-    if dim % heads:
-        return  # refused when the model is built: the width must split into equal heads
-    preset = next((name for name, p in PRESETS.items() if p["dim"] == dim), None)
-    if "heads" in given and preset and PRESETS[preset]["heads"] != heads:
-        theirs = PRESETS[preset]["heads"]
-        warn(f"--heads {heads} splits width {dim} into heads of {dim // heads}; "
-             f"ViT-{preset.title()} (width {dim}) has {theirs} of {dim // theirs}")
-
 def default_workers(device):
     return 8 if torch.cuda.is_available() and device != "cpu" else 0
 
 def default_run_name(args):
-    """Different runs get different default folders: fine-tuning from scratch, from one
-    pre-training run and from another, under another recipe or seed, never share one."""
+    """A default folder of its own for each kind of run, source, recipe and seed."""
     mode, source = mode_of(args), source_of(args)
     if mode == "pretrain":
         name = f"{args.dataset}-pretrain"
@@ -1069,17 +991,10 @@ def load_checkpoint(path):
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as e:  # a truncated zip gives EINVAL
-        if e.errno != errno.EINVAL:
-            raise UserError(f"cannot read checkpoint {str(path)!r}: {e.strerror or e}") from None
-        raise UserError(f"checkpoint {str(path)!r} is corrupt or truncated ({e.strerror})") \
-            from None
-    except Exception as e:  # weights_only names a refused class in many lines: keep the name
-        refused = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(e), re.IGNORECASE)
-        why = (f"holds a pickled {refused[1]}, which a weights-only load refuses; save plain "
-               "tensors and dicts" if refused else
-               f"is corrupt, truncated or not a checkpoint ({type(e).__name__})")
-        raise UserError(f"checkpoint {str(path)!r} {why}") from None
+    except Exception as e:  # truncated, not a checkpoint, or a pickled class weights_only refuses
+        why = re.search(r"unsupported global: GLOBAL \S+", str(e), re.IGNORECASE)
+        why = why[0] if why else str(e).strip().split("\n")[0][:200] or type(e).__name__
+        raise UserError(f"cannot read checkpoint {str(path)!r}: {why}") from None
 
 class Imported(NamedTuple):
     model: dict         # our DropPos key names: encoder.*, maybe mask_pos_token and decoder.*
@@ -1088,10 +1003,9 @@ class Imported(NamedTuple):
     mode: str | None    # "pretrain" / "finetune" (train.py's checkpoint.pt only)
     epoch: int | None   # completed epochs, where the file says
     arch: dict          # what the file's arch name tells (arch_facts), {} without one
-    extra: dict         # "ignored" / "missing" key prefixes, and facts from a Namespace
+    extra: dict         # facts from MAE's Namespace of args
 
-NAMESPACE_FACTS = {"input_size": "img_size", "mask_ratio": "mask_ratio",  # MAE's args -> flags
-                   "pos_mask_ratio": "pos_mask_ratio", "epochs": "epochs"}
+NAMESPACE_FACTS = ("mask_ratio", "pos_mask_ratio", "epochs")  # of MAE's args, the ones read
 _ENCODER = ("cls_token", "pos_embed", "patch_embed", "blocks", "norm")  # timm's top-level names
 _DECODER = {"decoder_embed": "decoder.embed", "decoder_blocks": "decoder.blocks",
             "decoder_norm": "decoder.norm", "decoder_pred": "decoder.head"}
@@ -1099,29 +1013,18 @@ _DECODER = {"decoder_embed": "decoder.embed", "decoder_blocks": "decoder.blocks"
 _SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
           "large": (1024, 24, 16), "huge": (1280, 32, 16)}
 
-def _rename(state, path):
-    """timm / official DropPos key names -> ours.  -> (model, sorted prefixes of keys left out)."""
+def _rename(state):
+    """timm / official DropPos key names -> ours; the rest (a pixel decoder, a head) is left out."""
     state = {k.removeprefix("module."): v for k, v in state.items()}  # DDP's wrapper
     # The decoder is ours only if decoder_pred is the N-way position head: MAE's predicts p*p*3
     # pixels there (as does --drop_pos_type vanilla_mae), and 3p^2 is never a square N.
     pos, pred = state.get("pos_embed"), state.get("decoder_pred.weight")  # (1, 1+N, D), (?, Dd)
-    proj = state.get("patch_embed.proj.weight")  # (D, 3, p, p)
     rows = pred.shape[0] if pred is not None and pred.ndim == 2 else None
     positional = pos is not None and pos.ndim == 3 and rows == pos.shape[1] - 1
-    if rows and not positional and proj is not None and rows != math.prod(proj.shape[1:]):
-        raise UserError(f"{str(path)!r} has a decoder_pred of {rows} outputs, neither one per "
-                        "position of its pos_embed nor a patch's pixels: a damaged or mismatched "
-                        "checkpoint")
     ours = {"encoder": "encoder", "decoder": "decoder", "mask_pos_token": "mask_pos_token",
             **{k: "encoder." + k for k in _ENCODER}, **(_DECODER if positional else {})}
     tops = {key: key.split(".")[0] for key in state}
-    model = {ours[top] + key[len(top):]: state[key] for key, top in tops.items() if top in ours}
-    ignored = set(tops.values()) - ours.keys()  # pixel decoder, mask_token, head, fc_norm, ...
-    if "encoder.norm.weight" not in model and "fc_norm.weight" in state:
-        # MAE's global pool moves the final norm after pooling (fc_norm): the nearest stand-in
-        model.update({f"encoder.norm.{k}": state[f"fc_norm.{k}"] for k in ("weight", "bias")})
-        ignored.discard("fc_norm")
-    return model, sorted(ignored)
+    return {ours[top] + key[len(top):]: state[key] for key, top in tops.items() if top in ours}
 
 def import_state(obj, path):
     """What load_checkpoint returned -> Imported; UserError for a layout this cannot place."""
@@ -1130,7 +1033,6 @@ def import_state(obj, path):
     facts = {}
     if isinstance(ck.get("args"), dict) and ck.get("mode") in TASKS:
         source, state, args, mode = "train.py checkpoint", ck.get("model"), ck["args"], ck["mode"]
-        check_run_flags(args, path)
         epoch = ck.get("epoch")
     elif "state_dict" in ck:  # main_pretrain.py / main_finetune.py: epoch is already epoch + 1
         source, state, epoch = "official DropPos checkpoint", ck["state_dict"], ck.get("epoch")
@@ -1138,8 +1040,7 @@ def import_state(obj, path):
     elif isinstance(ck.get("args"), argparse.Namespace):  # save_model: its epoch is 0-based
         source, state, ns = "MAE/DropPos save_model", ck.get("model"), vars(ck["args"])
         name = ns.get("model")
-        facts = {k: ns[k] for k, ours in NAMESPACE_FACTS.items()  # odd values: as if absent
-                 if ns.get(k) is not None and takes(ours, ns[k])}
+        facts = {k: ns[k] for k in NAMESPACE_FACTS if ns.get(k) is not None}
         epoch = ck["epoch"] + 1 if isinstance(ck.get("epoch"), int) else None
     elif "model" in ck:  # MAE's released files: encoder only, or (visualize) with its decoder
         source, state = "MAE encoder", ck["model"]
@@ -1147,49 +1048,36 @@ def import_state(obj, path):
         source, state = "timm encoder", ck
     tensors = (isinstance(state, dict) and all(map(torch.is_tensor, state.values()))
                and all(isinstance(k, str) for k in state))
-    model, ignored = _rename(state, path) if tensors else ({}, [])
+    model = _rename(state) if tensors else {}
     if "encoder.patch_embed.proj.weight" not in model or "encoder.pos_embed" not in model:
         what = (f"a dict with keys {[str(k) for k in ck][:8]}{' ...' if len(ck) > 8 else ''}"
                 if isinstance(obj, dict) else f"a {type(obj).__name__}")
         raise UserError(f"{str(path)!r} is not a checkpoint train.py can read: {what}; expected a "
                         "train.py checkpoint.pt or encoder.pt, an official DropPos or MAE "
                         "checkpoint, or a timm ViT state dict")
-    bad = [k for k, v in model.items() if v.is_floating_point() and not v.isfinite().all()]
-    if bad:
-        more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
-        raise UserError(f"{str(path)!r} holds NaN or infinite weights ({bad[0]}{more}): a run "
-                        "that diverged; take an earlier checkpoint of it")
-    if source == "timm encoder" and not ignored and all(k.startswith("encoder.") for k in model):
+    if source == "timm encoder" and all(k.split(".")[0] in _ENCODER for k in state):
         source = "train.py encoder"  # exactly a ViT's keys: what train.py writes
-    have = {k.split(".")[1] for k in model if k.startswith("encoder.")}
-    facts.update(ignored=ignored, missing=[k for k in _ENCODER if k not in have])  # e.g. "norm"
     arch = arch_facts(name) if isinstance(name, str) else {}
     return Imported(model, source, args, mode, epoch, arch, facts)
 
 def encoder_shape(model):
     """Sizes an Imported.model's tensors tell (heads: None); pos_embed "sincos" if MAE's fixed."""
     proj, pos = model["encoder.patch_embed.proj.weight"], model["encoder.pos_embed"]
-    if proj.ndim != 4 or pos.ndim != 3 or pos.shape[2] != proj.shape[0]:
-        raise UserError(f"its pos_embed {tuple(pos.shape)} does not fit its patch embedding "
-                        f"{tuple(proj.shape)}: a ViT's are (1, 1 + N, D) and (D, 3, p, p)")
-    dim, p, n = proj.shape[0], proj.shape[-1], pos.shape[1] - 1  # (D, C, p, p), (1, 1+N, D)
-    side = math.isqrt(n)
-    if side * side != n:
-        raise UserError(f"its pos_embed has {n + 1} positions, a square grid without [CLS]; "
-                        "train.py's ViT has a [CLS] token" if math.isqrt(n + 1) ** 2 == n + 1 else
-                        f"its pos_embed has {n + 1} positions: [CLS] and {n} patches, not a "
-                        "square grid")
+    n = pos.shape[1] - 1 if pos.ndim == 3 else 0
+    side = math.isqrt(max(n, 0))
+    if proj.ndim != 4 or pos.ndim != 3 or pos.shape[2] != proj.shape[0] or side * side != n:
+        raise UserError(f"pos_embed {tuple(pos.shape)} and patch embedding {tuple(proj.shape)} "
+                        "are not (1, 1 + h·w, D) and (D, 3, p, p) of a square grid with [CLS]")
+    dim, p = proj.shape[0], proj.shape[-1]  # (D, C, p, p)
     fixed = dim % 4 == 0 and torch.allclose(pos[0, 1:].float(), sincos_pos_embed(dim, (side, side)),
                                             rtol=0, atol=1e-5)
     depth = {part: len({k.split(".")[2] for k in model if k.startswith(f"{part}.blocks.")})
              for part in ("encoder", "decoder")}
     shape = dict(img_size=side * p, patch_size=p, dim=dim, depth=depth["encoder"], heads=None,
                  pos_embed="sincos" if fixed else "learnable")
-    if "decoder.head.weight" in model:  # a position decoder: embed (Dd, D), head (N, Dd)
-        if "decoder.embed.weight" not in model:
-            raise UserError("it has a position head (decoder_pred) but no decoder_embed.weight")
+    if {"decoder.head.weight", "decoder.embed.weight"} <= model.keys():  # a position decoder
         shape.update(decoder_dim=len(model["decoder.embed.weight"]), decoder_depth=depth["decoder"],
-                     decoder_heads=None, num_positions=len(model["decoder.head.weight"]))
+                     decoder_heads=None)
     return shape
 
 def resize_pos_embed(pos, grid, kind):
@@ -1229,17 +1117,11 @@ def take_encoder_shape(args, given):
     as trained; a typed flag it contradicts is refused, but --img-size where pos_embed resizes."""
     path, mode = source_of(args), mode_of(args)
     imp = imported(path)
-    if mode == "finetune" and imp.mode == "finetune":
-        raise UserError(f"{path!r} is a fine-tuning checkpoint; fine-tune from a pre-training "
-                        "run's checkpoint.pt or encoder.pt")
     try:
         tensors = encoder_shape(imp.model)
     except UserError as e:
-        raise UserError(f"{path!r} is not a ViT train.py can build: {e}") from None
+        raise UserError(f"{path!r} is not a ViT: {e}") from None
     arch = imp.arch if imp.arch.get("dim") == tensors["dim"] else {}  # the name's heads fit
-    if imp.arch and not arch:
-        warn(f"{path!r} names its model {imp.arch['name']}, but its tensors are {tensors['dim']} "
-             f"wide, not {imp.arch['dim']}: the name's head counts are not used")
     shape = dict(tensors, heads=arch.get("heads"), decoder_heads=arch.get("decoder_heads"),
                  **imp.extra)
     if imp.args:  # the run's flags; the parser's defaults for flags the file predates
@@ -1262,9 +1144,6 @@ def take_encoder_shape(args, given):
             raise UserError(f"{flag(key)} {getattr(args, key)} differs from the encoder in "
                             f"{path!r} ({shape[key]}): {mode.replace('_', ' ')} uses the encoder "
                             "as it was trained; drop the flag")
-    done, total = imp.epoch, (imp.args or imp.extra).get("epochs")
-    if done is not None and total and done < total:
-        warn(f"{path!r} is an unfinished run: {done} of its {total} epochs were done")
 
 def source_line(args):
     """' from PATH (layout, epoch E of T)' for the start-up line; ' from random weights' etc."""
@@ -1279,8 +1158,7 @@ def source_line(args):
     return f" from {path} ({imp.source}{epoch})"
 
 def build_encoder(args, drop_path=0.0):
-    """The ViT of args' shape, with the weights of the mode's checkpoint unless it has none or a
-    resumed run's checkpoint brings them."""
+    """The ViT of args' shape, with the mode's checkpoint's weights (not on --resume: its own)."""
     c = model_config(args)
     try:
         encoder = ViT(c["img_size"], c["patch_size"], 3, c["dim"], c["depth"], c["heads"],
@@ -1292,8 +1170,7 @@ def build_encoder(args, drop_path=0.0):
     return encoder
 
 def build_classifier(args, num_classes):
-    """The checkpoint's encoder (its shape is in args by now, see `take_encoder_shape`) under a
-    fresh head; on --resume the weights come from the fine-tuning checkpoint instead."""
+    """The checkpoint's encoder (its shape is in args: `take_encoder_shape`), a fresh head."""
     return Classifier(build_encoder(args, args.drop_path), num_classes,
                       switch(args.recipe, "finetune", "mae_head"))
 
@@ -1308,19 +1185,15 @@ def load_encoder(encoder, args):
 
 # 8. The run folder: one live run, whole files, exact resume =======================================
 
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "encoder.pt", "reassembly.png", "curves.png",
-             "evaluation.json")  # what a run or an evaluation writes in its folder
-
 def resumed_args(args, given):
-    """The rule of --resume, applied here: the run goes on with the flags it was started with; a
-    typed flag that would change the run is refused by name; the free ones (FREE_ON_RESUME:
-    they change nothing the run learns) replace the saved ones."""
-    path = checkpoint_path(args.resume)
-    folder, owner = str(path.parent), live_owner(path.parent)
-    if owner:  # before any other advice: following it could only disturb the live run
-        raise live_run(path.parent, owner)
+    """The rule of --resume: the run goes on with the flags it was started with; a typed flag that
+    would change it is refused by name; free ones (FREE_ON_RESUME) replace the saved ones."""
+    path = Path(args.resume)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    folder = str(path.parent)
     saved = dict(vars(build_parser().parse_args([])), **load_training_checkpoint(path)["args"])
-    check_dataset_flags(given, saved["dataset"])
+    check_applies(given, mode_of(argparse.Namespace(**saved)), saved["dataset"])
     for name in sorted(given - FREE_ON_RESUME):
         if getattr(args, name) != saved[name]:
             raise UserError(f"{flag(name)} would change the run in {folder!r}: it was started "
@@ -1338,53 +1211,15 @@ def resumed_args(args, given):
     merged.output_dir, merged.resume = folder, str(path)
     return merged
 
-def checkpoint_path(resume):
-    """The checkpoint --resume names; a folder without one is explained, not just 'missing'."""
-    path = Path(resume)
-    if not path.is_dir():
-        return path
-    if (path / "checkpoint.pt").exists():
-        return path / "checkpoint.pt"
-    owner = live_owner(path)
-    if owner:
-        raise UserError(f"{str(path)!r} holds no checkpoint yet: its run is still in its first "
-                        f"epoch ({owner}) and writes one when the epoch ends")
-    if (path / "metrics.jsonl").exists() or (path / ".checkpoint.pt.tmp").exists():
-        raise UserError(stopped_before_a_checkpoint(path))
-    raise UserError(f"{str(path)!r} holds no run (no checkpoint.pt)")
-
 CHECKPOINT_KEYS = ("mode", "args", "model", "optimizer", "epoch", "step_in_epoch", "ranks",
-                   "metrics_rows", "n_train")
+                   "n_train")
 
 def load_training_checkpoint(path):
     ck = load_checkpoint(path)
-    if not (isinstance(ck, dict) and all(k in ck for k in CHECKPOINT_KEYS)
-            and isinstance(ck["args"], dict)):
+    if not (isinstance(ck, dict) and all(k in ck for k in CHECKPOINT_KEYS)):
         raise UserError(f"checkpoint {str(path)!r} is not a training checkpoint of this version "
                         f"of train.py")
-    check_run_flags(ck["args"], path)
     return ck
-
-def check_run_flags(saved, path):
-    """A train.py checkpoint's flags are values the parser could have given: a file edited by
-    hand or by another program is refused by name here, not met later as a traceback."""
-    for name in sorted(saved.keys() & FLAGS.keys()):  # other keys: flags of another version
-        if not takes(name, saved[name]):
-            raise UserError(f"checkpoint {str(path)!r} records {flag(name)} {saved[name]!r}, which "
-                            "train.py cannot take: the file was changed after train.py wrote it")
-
-def takes(name, v):
-    """Whether the parser could have given flag `name` the value v (None only as its default)."""
-    a = FLAGS[name]
-    if v is None:
-        return a.default is None
-    if a.nargs == 0:  # store_true
-        return isinstance(v, bool)
-    try:  # what the parser's own type and choices make of the value written out
-        return (type(v) in (int, float, str) and v in (a.choices or [v])
-                and (a.type is None or a.type(str(v)) == v))
-    except (ValueError, argparse.ArgumentTypeError):
-        return False
 
 def load_state(module, state, what):
     try:
@@ -1403,47 +1238,14 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except OSError as e:  # main() says it in one line, naming the file
         tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write {str(path)!r}: {e.strerror or e}; the previous "
-                        f"version, if any, is intact") from None
-
-def readable_state(path, keys):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True).keys() == keys
-    except Exception:
-        return False
-
-def readable_png(path):
-    try:
-        with Image.open(path) as im:
-            im.load()
-        return True
-    except Exception:
-        return False
-
-def write_pretraining_files(task, folder, only_broken=False):
-    """encoder.pt (timm's key names) and reassembly.png; with only_broken, just those that
-    are missing or unreadable.  -> names written."""
-    if task.proc.rank != 0:
-        return []
-    written, enc, png = [], folder / "encoder.pt", folder / "reassembly.png"
-    if not (only_broken and readable_state(enc, task.model.encoder.state_dict().keys())):
-        atomic_write(enc, lambda f: torch.save(task.model.encoder.state_dict(), f))
-        written.append(enc.name)
-    if task.vis_imgs is not None and not (only_broken and readable_png(png)):
-        if task.beliefs is None and task.proc.world == 1:  # a finished run mends its picture
-            task.evaluate()  # (under torchrun that would need every process)
-        beliefs = (task.beliefs or {}).get("test_pos")
-        save_reassembly(task.model, task.vis_imgs, png, task.proc, beliefs)
-        written.append(png.name)
-    return written
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 class FolderLock:
-    """A live run owns its folder: rank 0 holds `.lock` in it with flock(2) while the run lives.
-    The kernel drops the lock when the process dies however it dies (kill -9, power loss), so a
-    dead run never blocks its own --resume, and a second run into a live run's folder is refused
-    before it touches anything. The file names the owner's pid and command, for that refusal."""
+    """A live run owns its folder: rank 0 holds `.lock` in it with flock(2), taken first. The kernel
+    drops it when the process dies however it dies, so a dead run never blocks its --resume; the
+    file names the owner, for the refusal of a second run. A new run never overwrites a run."""
 
     def __init__(self, args):
         self.folder, self.args, self.fd = Path(args.output_dir), args, None
@@ -1452,64 +1254,28 @@ class FolderLock:
         if int(os.environ.get("RANK", 0)) != 0:  # under torchrun rank 0 holds it for the run
             return self
         f = self.folder
-        if f.exists() and not f.is_dir():
-            raise UserError(f"--output-dir {str(f)!r} is a file, not a folder")
-        try:  # the folders made here: a run that fails before writing anything leaves none
-            self.made = [p for p in [f, *f.parents] if not p.exists()]
-            f.mkdir(parents=True, exist_ok=True)
-            created = not (f / ".lock").exists()
-            self.fd = os.open(f / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise UserError(f"cannot create the output folder {str(f)!r}: {e.strerror or e}") \
-                from None
+        f.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(f / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-            raise live_run(f, live_owner(f)) from None
-        # SIGTERM unwinds as Ctrl-C does, through __exit__: a new run that wrote nothing leaves none
-        self.sigterm = signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
-        try:
-            if not self.args.resume:
-                self.refuse_a_folder_with_a_run(created)
-            for stale in f.glob(".*.tmp"):  # a write that a killed run never finished
-                stale.unlink()
-            os.ftruncate(self.fd, 0)
-            os.write(self.fd, f"pid {os.getpid()}: {' '.join(sys.argv)}"[:200].encode())
-            atomic_write(f / ".write-test", lambda fh: fh.write(b"ok"))  # read-only or full?
-            (f / ".write-test").unlink()
-        except BaseException as e:
-            self.__exit__(e)
-            raise
+            self.__exit__()
+            owner = (f / ".lock").read_text().strip() or "a process that is starting up"
+            raise UserError(f"{str(f)!r} belongs to a live run ({owner}); let it finish or stop "
+                            "it, or use another --output-dir") from None
+        done = [n for n in ("checkpoint.pt", "evaluation.json") if (f / n).exists()]
+        if done and not self.args.resume:
+            self.__exit__()
+            raise UserError(f"{str(f)!r} already holds a run ({done[0]}); continue a run with "
+                            f"python train.py --resume {f}, or use another --output-dir")
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()}: {' '.join(sys.argv)}"[:200].encode())
         return self
 
-    def refuse_a_folder_with_a_run(self, created_lock):
-        f, why = self.folder, None
-        if (f / "metrics.jsonl").exists() and not (f / "checkpoint.pt").exists():
-            why = stopped_before_a_checkpoint(f)
-        elif any((f / name).exists() for name in ("evaluation.json", "reassembly.png")) \
-                and not (f / "checkpoint.pt").exists():  # a whole or a stopped evaluation
-            why = (f"{str(f)!r} already holds an evaluation; evaluate into another --output-dir, "
-                   f"or delete the folder first")
-        elif any((f / name).exists() for name in RUN_FILES):
-            why = (f"{str(f)!r} already holds a run; continue it with `python train.py --resume "
-                   f"{f}`, or start over in another --output-dir (or delete the folder first)")
-        if why:
-            if created_lock:  # leave the folder as it was
-                (f / ".lock").unlink()
-            raise UserError(why)
-
-    def __exit__(self, failed=None, *_):
-        if self.fd is None:
-            return
-        signal.signal(signal.SIGTERM, self.sigterm)
-        if failed and not self.args.resume and [p.name for p in self.folder.iterdir()] == [".lock"]:
-            (self.folder / ".lock").unlink()  # a new run that wrote nothing leaves nothing behind
-            for p in self.made:
-                p.rmdir()
-        os.close(self.fd)  # closing drops the lock
-        self.fd = None
+    def __exit__(self, *_):
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None
 
 def row_before(line, epochs_done, steps_done):
     """Whether a metrics.jsonl line is a whole row written before the checkpoint taken there."""
@@ -1518,37 +1284,6 @@ def row_before(line, epochs_done, steps_done):
         return row["epoch"] <= epochs_done if row.get("summary") else row["step"] <= steps_done
     except (ValueError, KeyError, TypeError, AttributeError):  # half a row, or not one
         return False
-
-def stopped_before_a_checkpoint(folder):
-    """What a folder whose run died before its first checkpoint holds (no live run is there)."""
-    return (f"{str(folder)!r} holds no checkpoint: its run stopped before it wrote the first one "
-            f"(at the end of epoch 1), so there is nothing to resume; delete the folder to start "
-            f"over there, or choose another --output-dir")
-
-def live_run(folder, owner):
-    """The refusal of a second run into a live run's folder; an evaluation has nothing to resume."""
-    then = "" if "--evaluate" in owner else f", then continue it: python train.py --resume {folder}"
-    return UserError(f"{str(folder)!r} belongs to a run that is still going ({owner}); let it "
-                     f"finish or stop it{then}; or use another --output-dir")
-
-def live_owner(folder):
-    """Who holds `folder`'s lock: its pid and command, or None when no live process does."""
-    try:
-        fd = os.open(Path(folder) / ".lock", os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None  # nobody holds it: whoever wrote it is dead
-    except BlockingIOError:
-        for _ in range(20):  # the owner writes its pid right after taking the lock
-            text = Path(folder, ".lock").read_text().strip()
-            if text:
-                return text
-            time.sleep(0.05)
-        return "a process that is starting up"
-    finally:
-        os.close(fd)
 
 class RunFolder:
     """Everything exact resume needs, in one place. A checkpoint pairs names with the objects
@@ -1560,15 +1295,12 @@ class RunFolder:
         self.objects = {"model": task.model, "optimizer": optimizer, "task": task}
         self.folder = Path(args.output_dir)
         self.checkpoint = self.folder / "checkpoint.pt"
-        self.epoch, self.step, self.rows, self.sums, self.elapsed_before = 0, 0, 0, None, 0.0
-        self.lost, self.cut = 0, False  # rows of metrics.jsonl: some gone, some cut here
+        self.epoch, self.step, self.sums, self.elapsed_before = 0, 0, None, 0.0
         if args.resume:
             self.restore(Path(args.resume))
 
     def restore(self, path):
         ck, here = load_training_checkpoint(path), str(self.folder)
-        if ck["mode"] != self.task.mode:
-            raise UserError(f"checkpoint {str(path)!r} is from {ck['mode']}, not {self.task.mode}")
         if len(ck["ranks"]) != self.proc.world:
             n = len(ck["ranks"])
             raise UserError(f"the run in {here!r} used {n} process(es); resume it with as many "
@@ -1578,7 +1310,7 @@ class RunFolder:
                             f"{len(self.data.train)} are there now; check --data-dir")
         for name, obj in self.objects.items():  # "task" is absent from older versions
             load_state(obj, ck.get(name, {}), f"the {name} state in checkpoint {str(path)!r}")
-        self.epoch, self.step, self.rows = ck["epoch"], ck["step_in_epoch"], ck["metrics_rows"]
+        self.epoch, self.step = ck["epoch"], ck["step_in_epoch"]
         self.elapsed_before = ck.get("elapsed_s", 0.0)  # absent from older versions
         mine = ck["ranks"][self.proc.rank]
         self.sums = mine["sums"]
@@ -1586,10 +1318,6 @@ class RunFolder:
         random.setstate((3, tuple(mine["rng"]["python"]), None))
         if mine["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(mine["rng"]["cuda"])
-        was, now = ck.get("precision", self.proc.precision), self.proc.precision
-        if was != now and self.proc.rank == 0:
-            warn(f"the run trained in {was} so far and goes on in {now} "
-                 f"({self.proc.precision_why}); pass --precision {was} to keep it")
         if self.epoch < self.args.epochs:
             say(f"resumed {here!r} at epoch {self.epoch + 1} step {self.step} "
                 f"({self.args.epochs} epochs in all)")
@@ -1599,25 +1327,15 @@ class RunFolder:
         return self.step if epoch == self.epoch else 0
 
     def open_log(self, total_steps):
-        """The run's Logger, going on with its running sums and its metrics.jsonl, cut back to the
-        rows the checkpoint saw: rows past its step are about to be redone."""
+        """The run's Logger, its metrics.jsonl cut back to the rows the checkpoint saw."""
         path, steps = self.folder / "metrics.jsonl", self.data.stream.steps
         if self.proc.rank == 0:
             done = self.epoch * steps + self.step
-            try:
-                text = path.read_bytes() if path.exists() else b""
-            except OSError as e:
-                raise UserError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+            text = path.read_bytes() if path.exists() else b""
             kept = [row + b"\n" for row in text.splitlines() if row_before(row, self.epoch, done)]
-            self.cut = b"".join(kept) != text  # a half-written last row goes too
-            if self.cut:
+            if b"".join(kept) != text:  # a half-written last row goes too
                 atomic_write(path, lambda f: f.writelines(kept))
-            self.lost, self.rows = max(self.rows - len(kept), 0), len(kept)
-            if self.lost:  # deleted or cut by hand
-                warn(f"{str(path)!r} has lost {self.lost} of the rows its checkpoint saw; they "
-                     "cannot be written again")
-        self.log = Logger(path, self.rows, self.proc, self.args.log_every,
-                          steps, total_steps, self.epoch * steps + self.step, self.sums,
+        self.log = Logger(path, self.proc, self.args.log_every, steps, total_steps, self.sums,
                           (self.task.acc_name, self.task.acc_key), self.elapsed_before)
         return self.log
 
@@ -1636,11 +1354,10 @@ class RunFolder:
             state = {name: obj.state_dict() for name, obj in self.objects.items()}
             state.update(mode=self.task.mode, args=dict(vars(self.args), resume=None),
                          n_train=len(self.data.train), epoch=epoch, step_in_epoch=step,
-                         ranks=ranks, metrics_rows=self.log.rows, elapsed_s=self.log.elapsed(),
-                         precision=self.proc.precision)
+                         ranks=ranks, elapsed_s=self.log.elapsed(), precision=self.proc.precision)
             try:
                 atomic_write(self.checkpoint, lambda f: torch.save(state, f))
-            except UserError as e:
+            except OSError as e:
                 failed = e
         if agree(failed is not None, self.proc):  # every process stops when the write failed
             raise failed or UserError(f"rank 0 could not write {str(self.checkpoint)!r}")
@@ -1658,21 +1375,6 @@ class RunFolder:
         raise UserError(f"the loss became non-finite in epoch {epoch + 1} at step {step}; stopped "
                         f"without saving ({last}). Lower --blr"
                         + (", or try --precision fp32" if self.proc.precision == "bf16" else ""))
-
-    def finish_complete_run(self):
-        """Resuming a finished run: check what it left, rewrite what is missing or unreadable."""
-        rewritten = self.task.write_outputs(self.folder, only_broken=True)
-        log = self.open_log(0)  # cuts metrics.jsonl back to the rows the final checkpoint had seen
-        rewritten += ["metrics.jsonl"] * self.cut
-        say_warnings()
-        if self.proc.rank == 0 and not readable_png(self.folder / "curves.png"):
-            log.draw_curves(self.task.chance())
-            rewritten.append("curves.png")
-        n = self.args.epochs
-        say(f"the run in {self.folder} is complete ({n} epoch{'s' * (n > 1)})"
-                 + (f"; rewrote {', '.join(rewritten)}" if rewritten else
-                    "" if self.lost else "; its files are intact"))
-        return self.task.model
 
 # 9. Processes and devices: torchrun, precision, stopping together =================================
 
@@ -1697,11 +1399,8 @@ def start_processes(args):
         dist.init_process_group(backend)
         rank = dist.get_rank()
     device = pick_device(args.device, local)
-    proc = Proc(rank, world, local, device, *pick_precision(args.precision, device),
+    return Proc(rank, world, local, device, *pick_precision(args.precision, device),
                 pick_threads() if device.type == "cpu" else "")
-    if agree(proc.precision == "fp32", proc):  # every process of a run at one precision
-        proc = proc._replace(precision="fp32")
-    return proc
 
 def pick_device(name, local_rank):
     if name == "cuda" and not torch.cuda.is_available():
@@ -1788,29 +1487,16 @@ def agree(flag, proc):
 
 class StopRequest:
     """Ctrl-C and SIGTERM only set a flag, so a run stops between two steps, never half-way through
-    an update; a second one quits at once without saving. Under torchrun a worker whose torchrun
-    died (kill -9) is not told so by anyone: it checks its parent every second and stops alike."""
+    an update; a second one quits at once without saving."""
 
     def __enter__(self):
         self.signalled = 0  # the signal's number once one came
         self.old = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        self.active = True
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            threading.Thread(target=self.watch_parent, args=(os.getppid(),), daemon=True).start()
         return self
 
     def __exit__(self, *_):
-        self.active = False
         for s, handler in self.old.items():
             signal.signal(s, handler)
-
-    def watch_parent(self, parent):
-        while self.active and not self.signalled:
-            time.sleep(1)
-            if os.getppid() != parent:  # re-parented: torchrun is gone
-                print(f"\ntorchrun (pid {parent}) is gone: saving and stopping",
-                      file=sys.stderr, flush=True)
-                self.signalled = signal.SIGTERM
 
     def on_signal(self, signum, _):
         if self.signalled:
@@ -1829,7 +1515,7 @@ class StopRequest:
         bad, sig = status.tolist()
         return "non-finite" if bad else "interrupted" if sig else None
 
-# 10. Images: downloads, photos, synthetic ones, unreadable ones, odd set-ups, augmentation ========
+# 10. Images: downloads, photos, synthetic ones, augmentation; warnings ==========================
 
 class SyntheticImages(Dataset):
     """Offline images with spatial structure: a sky-to-ground luminance ramp, a left-to-right
@@ -1858,71 +1544,52 @@ class SyntheticImages(Dataset):
         return v2.functional.to_pil_image(img.clamp(0, 1)), label
 
 def load_imagefolder(args):
-    """--data-dir and, if given, --val-dir as ImageFolders, their kept classes checked to agree."""
+    """--data-dir and, if given, --val-dir as ImageFolders."""
     def folder(path, option):
         if not Path(path).is_dir():
             raise UserError(f"{option} folder {str(path)!r} does not exist")
         try:
-            return torchvision.datasets.ImageFolder(str(path), loader=open_image)
+            loader = functools.partial(open_image, size=args.img_size)
+            return torchvision.datasets.ImageFolder(str(path), loader=loader)
         except (FileNotFoundError, RuntimeError) as e:
             raise UserError(f"{option} folder {str(path)!r} holds no images in class sub-folders "
                             f"({e})") from None
 
     train = folder(args.data_dir, "--data-dir")
-    if not args.val_dir:
-        return train, None
-    val = folder(args.val_dir, "--val-dir")
-    n = args.classes or max(len(train.classes), len(val.classes))  # the kept ones, all of them
-    only_one = sorted(set(val.classes[:n]) ^ set(train.classes[:n]))  # the same set: same order
-    if only_one:
-        where = "--val-dir" if only_one[0] in val.classes else "--data-dir"
-        raise UserError(f"--val-dir and --data-dir hold different classes: {only_one[0]!r} is in "
-                        f"{where} only ({len(only_one)} such)")
-    return train, val
+    return train, folder(args.val_dir, "--val-dir") if args.val_dir else None
 
-def open_image(path):
+def open_image(path, size):
     """ImageFolder's loader: the image as RGB or, when it cannot be decoded (truncated, empty, not
-    an image), its path, so that the batch goes on without it and the warning can name it."""
+    an image), a blank stand-in of the training size, named once: one bad file costs no run."""
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return str(path)
+        warn(f"unreadable image {path}: a blank stand-in takes its place")
+        return Image.new("RGB", (size, size), tuple(round(255 * m) for m in MEAN))  # 0 normalised
 
-WARNINGS = []  # said once the set-up has passed every check, just before the work starts
-_warned = set()  # unreadable images named so far: each is named once
+_said = set()  # warnings said so far: each once
 
 def warn(line):
-    """A warning: the run goes on, but the user should know (rank 0 only, one line each)."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        WARNINGS.append(f"warning: {line}")
+    """A warning, said where it arises: the run goes on, but the user should know."""
+    if line not in _said:
+        _said.add(line)
+        say(f"warning: {line}", err=True)
 
 def say(line, err=False):
     """A line from rank 0 on stdout (or stderr), written at once."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(line, file=sys.stderr if err else sys.stdout, flush=True)
 
-def say_warnings():
-    if WARNINGS:
-        say("\n".join(WARNINGS), err=True)
-    WARNINGS.clear()
-
-def warn_unreadable(paths):
-    for p in paths:
-        if p not in _warned:
-            _warned.add(p)
-            print(f"warning: skipped unreadable image {p}", file=sys.stderr, flush=True)
-
-def collate_readable(batch):
-    """default_collate of the readable images.  -> images, labels, paths of the unreadable ones."""
-    bad = [x for x, _ in batch if isinstance(x, str)]
-    good = [item for item in batch if not isinstance(item[0], str)]
-    return (*default_collate(good), bad) if good else (None, None, bad)
+def say_start(what, data, proc, details):
+    """The line every mode says before its work: what, on which data, where, how."""
+    say(f"{what} on {data.args.dataset}: {data.describe()}; {proc.world} process(es) on "
+        f"{proc.device}, {proc.precision} ({proc.precision_why}), {proc.threads or 'CUDA'}; "
+        f"{details}")
 
 class SeededTransform(Dataset):
-    """Applies random augmentation seeded by (seed, epoch, index): an image's crop does not depend
-    on the number of workers or on where in the epoch a resumed run starts. It seeds only the CPU
-    generator, inside a fork that restores it: the global CPU and CUDA streams stay untouched."""
+    """Augmentation seeded by (seed, epoch, index), so a crop depends on neither the workers nor
+    where a resumed epoch starts; in a forked CPU generator: the global streams stay untouched."""
 
     def __init__(self, base, transform, seed):
         self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
@@ -1932,16 +1599,13 @@ class SeededTransform(Dataset):
 
     def __getitem__(self, i):
         img, label = self.base[i]
-        if isinstance(img, str):  # unreadable: its path travels on to the warning
-            return img, label
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(mix_seed(self.seed, self.epoch, i))
             return self.transform(img), label
 
 def train_transform(size, finetune=False, mae_augment=False):
-    """Per-image augmentation, PIL image -> normalised float (3, size, size): RandomResizedCrop +
-    flip. mae_augment (fine-tuning, --recipe paper) is MAE's build_transform (timm's, in timm's
-    order): RandAugment, and RandomErasing 'pixel' after normalising; no colour jitter under it."""
+    """PIL image -> normalised float (3, size, size): RandomResizedCrop + flip; mae_augment adds
+    MAE's build_transform (timm's order): RandAugment, then RandomErasing 'pixel'."""
     crop = [v2.RandomResizedCrop(size, scale=crop_scale(finetune), antialias=True,
                                  interpolation=v2.InterpolationMode.BICUBIC),
             v2.RandomHorizontalFlip()]
@@ -1988,48 +1652,34 @@ def eval_transform(size, crop_pct=1.0):
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 def decode_in_memory(dataset, size, limit_bytes=2 ** 31):
-    """A CIFAR-size set as uint8 images (M, 3, size, size), labels (M,) and the paths of the
-    unreadable images (left out, and named); None for images over 64 px, not size×size, or over
-    2 GiB in all: those are cropped one by one from their full resolution."""
+    """A CIFAR-size set as uint8 images (M, 3, size, size) and labels (M,); None for images over
+    64 px, not size×size, or over 2 GiB in all: those are cropped one by one."""
     if size > 64 or len(dataset) * 3 * size * size > limit_bytes:
         return None
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
     if isinstance(base, torchvision.datasets.CIFAR10):  # CIFAR-100 too: it subclasses CIFAR-10
         idx = torch.as_tensor(getattr(dataset, "indices", range(len(base))), dtype=torch.long)
         return (torch.from_numpy(base.data).permute(0, 3, 1, 2)[idx].contiguous(),
-                torch.tensor(base.targets)[idx], [])
+                torch.tensor(base.targets)[idx])
     images = torch.empty(len(dataset), 3, size, size, dtype=torch.uint8)
     labels = torch.empty(len(dataset), dtype=torch.long)
-    n, bad = 0, []
     for i in range(len(dataset)):
-        img, label = dataset[i]
-        if isinstance(img, str):
-            bad.append(img)
-            continue
+        img, labels[i] = dataset[i]
         if img.size != (size, size):
             return None
-        images[n], labels[n] = v2.functional.pil_to_tensor(img), label
-        n += 1
-    warn_unreadable(bad)
-    return images[:n], labels[:n], bad
+        images[i] = v2.functional.pil_to_tensor(img)
+    return images, labels
 
 def load_cifar(args):
-    """CIFAR-10/100 from --data-dir, downloaded there if absent. A failed download leaves nothing
-    behind; an archive already there that fails its checksum is named as such."""
+    """CIFAR-10/100 from --data-dir, downloaded there if absent."""
     cls = getattr(torchvision.datasets, args.dataset.upper())  # CIFAR10 or CIFAR100
-    root, archive = Path(args.data_dir), Path(args.data_dir) / cls.filename
-    if archive.exists() and not torchvision.datasets.utils.check_integrity(archive, cls.tgz_md5):
-        raise UserError(f"{str(archive)!r} is corrupt or incomplete (its MD5 checksum does not "
-                        "match); delete it and run again to download it, or put a good copy there")
-    before = set(root.rglob("*")) if root.exists() else None
+    photos = Path(args.data_dir).glob("*/*")  # class folders of images: not a place for CIFAR
+    if any(p.suffix.lower() in torchvision.datasets.folder.IMG_EXTENSIONS for p in photos):
+        raise UserError(f"--data-dir {args.data_dir!r} holds class folders of images; did you "
+                        "mean --dataset imagefolder?")
     try:
         return tuple(cls(args.data_dir, train=t, download=True) for t in (True, False))
     except Exception as e:  # network, disk or archive: all end the same way for the user
-        if before is None:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            for p in sorted(set(root.rglob("*")) - before, reverse=True):  # files before folders
-                p.rmdir() if p.is_dir() else p.unlink()
         why = (str(e).splitlines() or [""])[0]
         raise UserError(f"could not get {args.dataset} into {args.data_dir!r} ({type(e).__name__}: "
                         f"{why}). Download {cls.filename} from "
@@ -2037,29 +1687,20 @@ def load_cifar(args):
                         f"{args.data_dir!r} (or pass --data-dir), or use --dataset synthetic, "
                         "which works offline") from None
 
-def warn_about_classes(data):
-    """Set-ups that train without complaint but are almost certainly not what was meant."""
-    names = (getattr(data.train.dataset, "classes", None)
-             or [str(c) for c in range(data.num_classes)])
-    if data.num_classes == 1:
-        warn("the data has one class: k-NN and fine-tuning top-1 are 100 % whatever is learned")
-    empty = [names[c] for c, n in enumerate(data.per_class) if n == 0]
-    if empty:
-        warn(f"{len(empty)} class(es) have no training image (e.g. {empty[0]!r}): the held-out "
-             "images of such a class cannot be classified right")
-    splits = sorted({n.lower() for n in names}
-                    & {"train", "training", "test", "val", "valid", "validation"})
+def warn_about_split_names(dataset, data_dir):
+    """Class folders named like splits: --data-dir is almost certainly one level too high."""
+    names = {n.lower() for n in getattr(dataset, "classes", [])}
+    splits = sorted(names & {"train", "training", "test", "val", "valid", "validation"})
     if splits:
         warn(f"the class folders of --data-dir are named like splits ({', '.join(splits)}): "
-             "--data-dir should be the training split itself, e.g. --data-dir "
-             f"{Path(data.args.data_dir) / splits[-1]}")
+             f"--data-dir should be the training split itself, e.g. --data-dir "
+             f"{Path(data_dir) / splits[-1]}")
 
 # 11. --evaluate ===================================================================================
 
 def evaluate(args):
-    """--evaluate: score a checkpoint, training nothing. With a position head: position top-1,
-    within one cell and distance at its ratios, and the picture; a fine-tuning checkpoint's test
-    top-1; every encoder's k-NN top-1; each beside its chance. evaluation.json and one JSON line."""
+    """--evaluate: score a checkpoint, training nothing: the position head's scores and picture,
+    a classifier's test top-1, k-NN top-1, each beside its chance; evaluation.json, a JSON line."""
     proc = start_processes(args)
     data = Data(args, proc)
     torch.manual_seed(args.seed)  # the masks the scores and the picture use
@@ -2078,7 +1719,7 @@ def evaluate(args):
         encoder = model.to(proc.device).encoder
     else:
         encoder = build_encoder(args).to(proc.device)
-    say_warnings()
+    say_start(f"evaluation of {path} ({imp.source})", data, proc, f"folder {folder}")
     if head:
         scores, beliefs = head_positions(model, data, args, proc)
         chance = chance_of_grid(model.grid, "test_pos")
@@ -2087,18 +1728,13 @@ def evaluate(args):
     elif imp.mode == "finetune":
         results["test_top1"] = evaluate_classifier(model, data, args, proc)
     results.update(knn_top1=run_knn(encoder, data, args, proc), top1_chance=100 / data.num_classes)
-    # The files last and together: stopped before, an evaluation leaves no folder; Ctrl-C while
-    # they are written waits for both.
-    with StopRequest() as stop:
-        imgs = picture_images(data) if head and proc.rank == 0 else None
-        if imgs is not None:
-            save_reassembly(model, imgs, folder / "reassembly.png", proc, beliefs["test_pos"])
-        if proc.rank == 0:
-            line = json.dumps(results)
-            atomic_write(folder / "evaluation.json", lambda f: f.write(line.encode() + b"\n"))
-            print(line, flush=True)
-    if stop.signalled:
-        raise SystemExit(128 + stop.signalled)
+    if head and proc.rank == 0:
+        save_reassembly(model, picture_images(data), folder / "reassembly.png", proc,
+                        beliefs["test_pos"])
+    if proc.rank == 0:
+        line = json.dumps(results)
+        atomic_write(folder / "evaluation.json", lambda f: f.write(line.encode() + b"\n"))
+        print(line, flush=True)
 
 # 12. Pictures: reassembly.png, the head's beliefs, curves.png =====================================
 
@@ -2109,21 +1745,13 @@ FONT, SMALL = ImageFont.load_default(size=14), ImageFont.load_default(size=11)
 CELL, PAD = 16, 8  # px per cell of maps A and B, px margin
 ORIGIN = (PAD, 68)  # top left of map A; map B starts (h + 2) * CELL to its right
 TRUE, ARGMAX, EMPTY = (0, 220, 255), (0, 200, 0), 200 / 255  # cyan, green, grey: no data
-SKIP = {"epoch", "step", "summary", "skipped_images", "elapsed_s", "images_per_sec", "best_top1"}
+SKIP = {"epoch", "step", "summary", "elapsed_s", "images_per_sec", "best_top1"}
 
 def picture_images(data):
     """8 held-out images for reassembly.png, spread over the set: folders list their images
-    class by class, so the first 8 would often be of one class. Unreadable ones are left out."""
-    tf, imgs = eval_transform(data.args.img_size, eval_crop_pct(data.args)), []
-    for i in range(0, len(data.held_out), max(len(data.held_out) // 8, 1)):
-        img = data.held_out[i][0]
-        if isinstance(img, str):
-            warn_unreadable([img])
-        else:
-            imgs.append(tf(img))
-        if len(imgs) == 8:
-            break
-    return torch.stack(imgs) if imgs else None
+    class by class, so the first 8 would often be of one class."""
+    tf, n = eval_transform(data.args.img_size, eval_crop_pct(data.args)), len(data.held_out)
+    return torch.stack([tf(data.held_out[i][0]) for i in range(0, n, max(n // 8, 1))][:8])
 
 def denormalize(imgs):
     """Inverse of `normalize`, clamped to [0, 1] for display."""
@@ -2131,9 +1759,8 @@ def denormalize(imgs):
     return (imgs * std + mean).clamp(0, 1)
 
 def save_reassembly(model, imgs, path, proc, beliefs=None):
-    """reassembly.png: 8 held-out images (ImageNet-normalised) as the model puts them back, the
-    head's beliefs below. A seeded mask in a forked RNG: every epoch shows the same patches, and a
-    resumed run stays exact."""
+    """reassembly.png: 8 held-out images as the model puts them back, the head's beliefs below.
+    A seeded mask in a forked RNG: every epoch shows the same patches; resume stays exact."""
     was_training, devices = model.training, [proc.device] if proc.device.type == "cuda" else []
     model.eval()
     with torch.no_grad(), torch.random.fork_rng(devices), autocast(proc):
@@ -2148,8 +1775,9 @@ def save_reassembly(model, imgs, path, proc, beliefs=None):
                                  out.logits.float().softmax(-1), weights.float(), model.grid,
                                  model.encoder.patch_size)
     labels = ["original", f"visible ({round(100 * model.n_vis / N)}%)", "predicted", "attention"]
-    caption = (f"position accuracy on dropped patches: {100 * out.acc.item():.1f}%  ·  "
-               f"attention: each patch's weight in the loss, hot = high\n{LEGEND}")
+    caption = (f"these {B} images: position top-1 on their dropped patches "
+               f"{100 * out.acc.item():.1f}% (chance {100 / N:.1f}%)  ·  attention: each patch's "
+               f"weight in the loss, hot = high\n{LEGEND}")
     picture = draw_reassembly(rows, info, max(1, math.ceil(128 / imgs.shape[-1])), labels, caption)
     if beliefs is not None and len(beliefs[1]):  # below: what the head predicts on the held-out set
         pic, below = picture, draw_beliefs(*beliefs, model.grid)
@@ -2244,8 +1872,9 @@ def draw_beliefs(probs, true_pos, grid, examples=4):
     img = Image.new("RGB", (4000, 2000), "white")  # ample; cropped to what is drawn
     d = ImageDraw.Draw(img)
     d.multiline_text((PAD, PAD), spacing=6, fill="black", font=FONT, text=(
-        f"{len(probs)} patches, {h}x{w} grid. A, B: mean mass per predicted row / column "
-        f"(across) by true one (down). C: patches, cyan = true cell, green = argmax\n"
+        f"held-out images, {len(probs)} dropped patches, {h}x{w} grid. A, B: mean mass per "
+        f"predicted row / column (across) by true one (down). C: patches, cyan = true cell, "
+        f"green = argmax\n"
         f"top-1 {s['top1']:.1%} (chance {s['chance_top1']:.1%})   within one cell "
         f"{s['within1']:.1%} (chance {s['chance_within1']:.1%})   mean distance "
         f"{s['distance']:.2f} cells (chance {s['chance_distance']:.2f})"))
@@ -2294,8 +1923,8 @@ def steps_per_epoch(progress, summaries):
 def draw_curves(rows, chance=None, columns=3):
     """metrics.jsonl rows (list of dicts) -> RGB image: a panel per numeric key over epochs, a
     summary at its epoch, a progress row at step / steps_per_epoch; NaN or missing: skipped.
-    chance: key -> value in the rows' unit. "acc" is a fraction, drawn x 100; the rest as is."""
-    pw, ph, unit = 280, 160, {"acc": 100}  # px per panel; acc is a fraction, drawn in %
+    chance: key -> value, drawn as a grey line."""
+    pw, ph = 280, 160  # px per panel
     summ = [r for r in rows if r.get("summary") and finite(r.get("epoch"))]
     prog = [r for r in rows if not r.get("summary") and finite(r.get("epoch"))
             and finite(r.get("step"))]
@@ -2303,9 +1932,8 @@ def draw_curves(rows, chance=None, columns=3):
     at_x = [[(r["step"] / spe, r) for r in prog], [(r["epoch"], r) for r in summ]]
     keys = dict.fromkeys(k for r in prog + summ for k, v in r.items()
                          if k not in SKIP and finite(v))
-    lines = {k: [sorted((x, r[k] * unit.get(k, 1)) for x, r in xr if finite(r.get(k)))
-                 for xr in at_x] for k in keys}
-    chance = {k: v * unit.get(k, 1) for k, v in (chance or {}).items() if v is not None}
+    lines = {k: [sorted((x, r[k]) for x, r in xr if finite(r.get(k))) for xr in at_x] for k in keys}
+    chance = chance or {}
     xmax = max((x for thin, thick in lines.values() for x, _ in thin + thick), default=1) or 1
     caption = (f"x: epochs, progress rows at step / {spe:g}.  Thin line: progress rows, dots: "
                "epoch summaries, grey: chance" if keys else f"{len(rows)} rows, nothing to draw")
@@ -2322,10 +1950,11 @@ def draw_curves(rows, chance=None, columns=3):
 
         def at(x, y):  # data -> px, 4 px inside the frame
             return px0 + x / xmax * (px1 - px0), py1 - 4 - (y - a) / (b - a) * (py1 - py0 - 8)
-        d.text((x0 + 4, y0 + 2), "acc (%)" if k == "acc" else k, "black", SMALL)
+        d.text((x0 + 4, y0 + 2), k, "black", SMALL)
         d.rectangle([px0, py0, px1, py1], outline="grey")
-        for v in (lo, hi):
-            d.text((px0 - 4, at(0, v)[1]), f"{v:.3g}", "black", SMALL, anchor="rm")
+        for v in torch.linspace(a, b, 5).tolist():  # ticks: the ends and three between
+            d.line([px0 - 3, at(0, v)[1], px0, at(0, v)[1]], fill="grey")
+            d.text((px0 - 5, at(0, v)[1]), f"{v:.3g}", "black", SMALL, anchor="rm")
         d.text(((px0 + px1) / 2, py1 + 4), f"epoch 0 to {xmax:g}", "black", SMALL, anchor="mt")
         if k in chance:
             d.line([px0, at(0, chance[k])[1], px1, at(0, chance[k])[1]], fill="grey")
@@ -2340,31 +1969,25 @@ def draw_curves(rows, chance=None, columns=3):
 
 # 13. Logging ======================================================================================
 
-def hms(s):  # 0:01:40; hours go on past a day, where timedelta would print "1 day, ..."
-    s = int(s)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
+def hms(s):  # 0:01:40
+    return str(datetime.timedelta(seconds=int(s)))
 
 class Logger:
-    """Progress lines on stdout and one JSON object per line in metrics.jsonl (rank 0 writes).
+    """Progress lines on stdout, one JSON object per line in metrics.jsonl (rank 0). Epochs count
+    from 1; `step` counts optimiser steps over the run; accuracies are in percent. The loss is read
+    once per step: `StopRequest.agreed` reads the device then anyway."""
 
-    Epochs count from 1 in both; `step` in metrics.jsonl counts optimiser steps over the run.
-    Every accuracy in metrics.jsonl is in percent (rows of versions before the keys pos_top1 /
-    train_top1 held "acc" as a fraction). The loss is read once per step: `StopRequest.agreed`
-    reads the device then anyway, so keeping sums on the device would buy nothing."""
-
-    def __init__(self, path, rows_kept, proc, every_s, steps_per_epoch, total_steps, first_step,
-                 epoch_sums, acc_names, elapsed_before):
-        self.path, self.proc, self.every_s = path, proc, every_s
-        self.rows, self.file = rows_kept, None
+    def __init__(self, path, proc, every_s, steps_per_epoch, total_steps, epoch_sums, acc_names,
+                 elapsed_before):
+        self.path, self.proc, self.every_s, self.file = path, proc, every_s, None
         self.acc_name, self.acc_key = acc_names  # on the console, in metrics.jsonl
         self.epochs, self.steps_per_epoch = total_steps // steps_per_epoch, steps_per_epoch
-        self.total_steps, self.first_step = total_steps, first_step
+        self.total_steps = total_steps
         self.sums = [0.0, 0.0, 0]  # loss, accuracy, steps since the last line
         self.epoch_sums = list(epoch_sums or [0.0, 0.0, 0])  # the same since the epoch began
         self.t_start = self.t_last = time.time()
         self.elapsed_before = elapsed_before  # earlier sittings of this run, up to its checkpoint
-        self.imgs_since, self.timed, self.clock = 0, False, None
+        self.imgs_since, self.clock = 0, None
 
     def step(self, epoch, step, loss, acc, n_imgs, lr, extra):
         """Count one step (epoch from 0, step from 1 within it); write a line when one is due."""
@@ -2387,13 +2010,9 @@ class Logger:
                    f"epoch {epoch + 1}/{self.epochs}  step {step}/{self.steps_per_epoch}  "
                    f"loss {loss_mean:.4f}  {self.acc_name} {100 * acc_mean:.2f}%  lr {lr:.2e}  "
                    f"{fields}{ips:.0f} img/s  left {hms((self.total_steps - done) * per_step)}")
-        if not self.timed and done - self.clock[1] >= 5:
-            self.timed, left = True, self.total_steps - self.first_step
-            say(f"timed {done - self.clock[1]} steps after the first: {per_step:.2f} s/step, so "
-                f"the {left} steps left take about {hms(per_step * left)} (plus evaluation)")
         self.sums, self.t_last, self.imgs_since = [0.0, 0.0, 0], now, 0
 
-    def epoch_summary(self, epochs_done, results, left_out):
+    def epoch_summary(self, epochs_done, results):
         sums = self.epoch_sums
         if self.proc.world > 1:  # every process's steps
             t = torch.tensor(sums, dtype=torch.float64, device=self.proc.device)
@@ -2405,8 +2024,7 @@ class Logger:
         extra = "".join(f"  {k} {v:.2f}{'' if k.endswith('distance') else '%'}"
                         for k, v in results.items())
         self.write({"epoch": epochs_done, "summary": True, "loss": loss_mean,
-                    self.acc_key: 100 * acc_mean, **results, "skipped_images": left_out,
-                    "elapsed_s": elapsed},
+                    self.acc_key: 100 * acc_mean, **results, "elapsed_s": elapsed},
                    f"== epoch {epochs_done}/{self.epochs} done  loss {loss_mean:.4f}  "
                    f"{self.acc_name} {100 * acc_mean:.2f}%{extra}  elapsed {hms(elapsed)}")
 
@@ -2414,8 +2032,7 @@ class Logger:
         """curves.png from metrics.jsonl: a run's learning curves, redrawn after every epoch."""
         if self.proc.rank == 0:
             self.sync()
-            text = self.path.read_text() if self.path.exists() else ""  # a run can lose it
-            rows = [json.loads(line) for line in text.splitlines()]
+            rows = [json.loads(line) for line in self.path.read_text().splitlines()]
             picture = draw_curves(rows, chance)
             atomic_write(self.path.with_name("curves.png"), lambda f: picture.save(f, format="PNG"))
 
@@ -2426,18 +2043,14 @@ class Logger:
     def write(self, record, line):
         if self.proc.rank != 0:
             return
-        try:
-            if self.file is None:  # made with its first row: a run that logged nothing leaves none
-                self.file = open(self.path, "a")
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-        except OSError as e:
-            raise UserError(f"could not write {str(self.path)!r}: {e.strerror or e}") from None
-        self.rows += 1
+        if self.file is None:  # made with its first row
+            self.file = open(self.path, "a")
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
         print(line, flush=True)
 
     def sync(self):
-        """metrics.jsonl on disk before the checkpoint that counts its rows."""
+        """metrics.jsonl on disk before the checkpoint that follows its rows."""
         if self.file is not None:
             os.fsync(self.file.fileno())
 
@@ -2480,10 +2093,9 @@ def droppos_flops(cfg):
     return 3 * (encoder + decoder) + (attentive if cfg["attentive"] else 0)
 
 def benchmark(args):
-    """Time training steps after warm-up on an in-memory batch, then with the data stream."""
-    device = pick_device(args.device, 0)
-    proc = Proc(0, 1, 0, device, *pick_precision(args.precision, device),
-                pick_threads() if device.type == "cpu" else "")
+    """Time training steps after warm-up on one batch, then fed by the data stream."""
+    proc = start_processes(args)
+    device = proc.device
     torch.manual_seed(args.seed)
     cfg = model_config(args)
     model = build_droppos(cfg).to(device)
@@ -2497,17 +2109,17 @@ def benchmark(args):
         with autocast(proc):
             loss = net(x, sigma).loss
         optimizer_step(model, optimizer, loss, args.clip_grad,
-                       per_parameter_clip(args.recipe, "pretrain"))
+                       switch(args.recipe, "pretrain", "clip_each"))
 
     if device.type == "cpu":  # Linux keeps the high-water mark of resident memory; reset it here
         Path("/proc/self/clear_refs").write_text("5")
         rss_before_mb = resident_mb("VmRSS")
-    for _ in range(args.bench_warmup):
+    for _ in range(BENCH_WARMUP):
         step(imgs)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for _ in range(args.bench_steps):
+    for _ in range(BENCH_STEPS):
         t = clock(device)
         step(imgs)
         times.append(clock(device) - t)
@@ -2532,7 +2144,6 @@ def benchmark(args):
         result["images_per_sec_with_data"] = bench_with_data(args, step, proc)
     except UserError as e:
         result["images_per_sec_with_data"], result["data_error"] = None, str(e)
-    say_warnings()  # on stderr: stdout is the one JSON line
     print(json.dumps(result), flush=True)
 
 def resident_mb(key):
@@ -2541,13 +2152,12 @@ def resident_mb(key):
     return int(line.split()[1]) / 1024
 
 def bench_with_data(args, step, proc):
-    """Images/s of the same step fed by the training stream (load, augment, move to the device),
-    rounded; None when the stream ran out before a step could be timed."""
+    """Images/s of the same step fed by the training stream; None if it is too short to time."""
     n, t = 0, None
     for i, (imgs, _) in Data(args, proc).stream.epoch(0):
-        if i == args.bench_warmup + args.bench_steps:
+        if i == BENCH_WARMUP + BENCH_STEPS:
             break
-        if i == args.bench_warmup:
+        if i == BENCH_WARMUP:
             t = clock(proc.device)
         step(imgs)
         n += 0 if t is None else len(imgs)
@@ -2555,36 +2165,34 @@ def bench_with_data(args, step, proc):
 
 # 15. The command, start to end ====================================================================
 
+# A full or read-only disk, or a file where a folder should be: met at the first write
+CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EEXIST,
+                errno.ENOTDIR)
+
 def main(argv=None):
-    """What the command asks for: train, evaluate or benchmark. Bad input is one line, exit 2."""
-    WARNINGS.clear()
+    """What the command asks for: train, evaluate or benchmark. Bad input, and a disk that is full
+    or read-only, met at the first write, is one line and exit code 2."""
+    _said.clear()  # each command names its warnings anew
     try:
         args = parse_args(argv)
         if args.benchmark:
             return benchmark(args)
         with FolderLock(args):  # one live run per folder
             (evaluate if args.evaluate else train)(args)
-    except (UserError, MemoryError, RuntimeError) as e:  # torch names CPU OOM only in its text
-        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) \
-                and not re.search("can't allocate memory|size calculation overflowed", str(e)):
+    except (UserError, OSError) as e:
+        if isinstance(e, OSError) and e.errno not in CANNOT_WRITE:
             raise
-        if not isinstance(e, UserError):  # out of memory
-            why = textwrap.shorten(re.sub(r"^\[enforce fail.*?\] (err == 0\. )?", "", str(e)), 160)
-            e = (f"out of memory ({why}); lower --batch-size or the model's size. A checkpoint.pt "
-                 "written before, if any, is intact")
+        if isinstance(e, OSError):
+            e = (f"cannot write {e.filename or 'the output'}: {e.strerror}; a checkpoint written "
+                 "before, if any, is intact")
         sys.stderr.write(f"error: {e}\n")  # one write: torchrun's processes' lines stay whole
         sys.stderr.flush()
         raise SystemExit(2)
-    except KeyboardInterrupt:  # Ctrl-C before the loop has taken over the signal: nothing saved
-        sys.stderr.write("\ninterrupted before anything was saved\n")
-        raise SystemExit(128 + signal.SIGINT)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 if __name__ == "__main__":
-    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # loaded: Ctrl-C is KeyboardInterrupt
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main()
     except SystemExit as e:
