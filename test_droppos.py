@@ -1369,7 +1369,9 @@ def _encoder_tensors(ck_path):
 def test_a_probe_trains_only_its_head_and_leaves_the_encoder_bit_identical(probe, pretrained_run, tmp_path):
     ref_dir, _ = pretrained_run
     out = tmp_path / "probe"
-    _train_in_process(ENCODER_TINY + [probe, ref_dir / "checkpoint.pt", "--epochs", 2, "--output-dir", out])
+    stdout = _train_in_process(ENCODER_TINY + [probe, ref_dir / "checkpoint.pt", "--epochs", 2, "--output-dir", out])
+    heads = 32 * 10 + 10 if probe == "--linear-probe" else 2 * (32 * 64 + 64) + 32  # small counts in full
+    assert f"{heads:,} trainable parameters" in stdout.splitlines()[0]
     before, after = _encoder_tensors(ref_dir / "checkpoint.pt"), _encoder_tensors(out / "checkpoint.pt")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     summary = [r for r in _metrics(out / "metrics.jsonl") if r.get("summary")][-1]
@@ -2172,30 +2174,17 @@ def realistic_rows(epochs=3, per_epoch=5, spe=20):
             step = (e - 1) * spe + j * spe // per_epoch  # the epoch's last step is always logged
             rows.append(dict(epoch=e, step=step, loss=4 - step / 30, acc=0.02 + step / 200,
                              lr=1e-4 * min(1, step / 20), sigma=1 - step / 60, images_per_sec=40.0))
-        summary = dict(epoch=e, summary=True, loss=4 - e / 2, acc=0.1 * e, skipped_images=0,
+        summary = dict(epoch=e, summary=True, loss=4 - e / 2, acc=0.1 * e,
                        elapsed_s=9.0 * e)
         rows.append(summary | ({"knn_top1": 10.0 + e} if e % 2 else {}))
     return rows
 
 
 def test_draw_curves_draws_a_realistic_run_as_an_rgb_grid_of_panels():
-    img = train.draw_curves(realistic_rows(), chance={"acc": 1 / 64, "knn_top1": 10.0})
+    img = train.draw_curves(realistic_rows(), 20, chance={"acc": 1 / 64, "knn_top1": 10.0})
     assert img.mode == "RGB"
     assert img.width >= 3 * 280 and img.height >= 2 * 160  # loss acc knn / lr sigma: two rows
     assert (210, 70, 0) in colours(img)  # summary dots
-
-
-def test_end_of_each_epoch_lands_at_its_epoch_number():
-    rows = realistic_rows()
-    progress = [r for r in rows if "summary" not in r]
-    spe = train.steps_per_epoch(progress, [r for r in rows if "summary" in r])
-    assert spe == 20
-    assert [r["step"] / spe for r in progress if r["step"] % 20 == 0] == [1, 2, 3]
-
-
-def test_before_any_epoch_ends_the_latest_row_is_taken_as_its_end():
-    rows = realistic_rows(epochs=1)[:3]
-    assert train.steps_per_epoch(rows, []) == rows[-1]["step"]
 
 
 def test_draw_curves_of_no_rows_is_a_small_image_saying_so():
@@ -2210,13 +2199,14 @@ def test_draw_curves_skips_nan_and_missing_values():
     rows[5]["knn_top1"] = float("nan")
     del rows[7]["acc"]
     rows.append(dict(epoch=4, step=65, loss=float("inf"), lr=float("nan")))
-    assert train.draw_curves(rows).mode == "RGB"
+    assert train.draw_curves(rows, 20).mode == "RGB"
 
 
 def test_draw_curves_draws_a_single_row_of_either_kind():
     rows = realistic_rows()
     assert train.draw_curves(rows[:1]).mode == "RGB"
     assert train.draw_curves([rows[5]]).mode == "RGB"
+
 
 def test_curves_have_five_ticks_a_panel_and_the_probes_control_has_its_chance_line():
     img = train.draw_curves([dict(epoch=e, summary=True, control_top1=10.0 * e) for e in (1, 2)],
@@ -2234,9 +2224,9 @@ def test_draw_curves_draws_the_keys_train_py_writes_one_panel_each():
     rows.append(dict(epoch=1, summary=True, loss=2.0, pos_top1=10.0, train_top1=12.0, lr=1e-3,
                      sigma=0.5, test_pos_top1=9.0, test_pos_within1=30.0, test_pos_distance=2.5,
                      knn_top1=20.0, test_top1=21.0, probe_top1=22.0, probe_within1=40.0,
-                     probe_distance=2.0, control_top1=10.0, best_top1=21.0, skipped_images=0))
-    img = train.draw_curves(rows, chance={"pos_top1": 1 / 64 * 100, "test_pos_distance": 4.14})
-    assert img.mode == "RGB" and img.size[1] >= 5 * 160  # 15 keys in 3 columns
+                     probe_distance=2.0, control_top1=10.0))
+    img = train.draw_curves(rows, 10, chance={"pos_top1": 1 / 64 * 100, "test_pos_distance": 4.14})
+    assert img.mode == "RGB" and img.size[1] >= 5 * 160  # 14 keys in 3 columns
     assert (210, 70, 0) in colours(img) and (128, 128, 128) in colours(img)  # dots, chance line
 
 
@@ -2281,7 +2271,7 @@ BAD_FLAGS = [
     (["--linear-probe", "random", "--pos-mask-ratio", "0.5"],
      "--pos-mask-ratio applies only with pre-training or --benchmark or --location-probe"),
     (["--location-probe", "random", "--linear-probe", "random"], "does not apply with --location-probe"),
-    (["--evaluate", "random"], "--evaluate scores a checkpoint, not 'random' (a folder of that name: ./random)"),
+    (["--evaluate", "random"], "--evaluate scores a checkpoint, not 'random'"),
     (["--dim", str(2 ** 31)], "--dim must be in [1, 2147483648), got 2147483648"),
     (["--dataset", "synthetic", "--data-dir", "x"], "--data-dir applies only with --dataset cifar10 or"),
     (["--val-dir", "x"], "--val-dir applies only with --dataset imagefolder"),
@@ -2560,7 +2550,7 @@ def test_a_run_folder_stands_for_its_checkpoint_and_a_folder_without_one_is_one_
         assert vars(train.parse_args(ENCODER_TINY[:-2] + [mode, str(ref_dir)]))[mode[2:].replace("-", "_")] == \
             str(ref_dir / "checkpoint.pt")
     line = _fails(ENCODER_TINY[:-2] + ["--evaluate", tmp_path, "--output-dir", tmp_path / "out"], capsys)
-    assert "is a folder without checkpoint.pt" in line
+    assert "cannot read checkpoint" in line and "Is a directory" in line
 
 
 @slow
@@ -2593,6 +2583,7 @@ EVAL_TINY = ENCODER_TINY[:-2]  # --log-every is training's
 
 def _evaluation(argv, out):
     stdout = _train_in_process(EVAL_TINY + argv + ["--output-dir", out])
+    assert stdout.startswith("evaluation of ")  # the start-up line every mode says
     line = json.loads(stdout.strip().splitlines()[-1])
     assert json.loads((out / "evaluation.json").read_text()) == line
     return {k: v for k, v in line.items() if k not in ("checkpoint", "source")}
@@ -2629,15 +2620,18 @@ def test_finetune_from_every_layout_gives_identical_runs(pretrained_run, tmp_pat
     assert all(r == rows["checkpoint.pt"] for r in rows.values())
 
 
-def test_evaluate_reads_the_head_counts_of_an_official_arch_name_and_needs_no_training_batch(tmp_path):
+def test_evaluate_reads_the_head_counts_of_an_official_arch_name_and_needs_no_training_batch(tmp_path, capsys):
     # ViT-Small/8 on 16-px images: 6 heads and a 16-head decoder, told by the name alone.
     torch.manual_seed(0)
     model = droppos.DropPos(16, 8, dim=384, depth=1, heads=6, decoder_dim=64, decoder_depth=1, decoder_heads=16)
     torch.save({"epoch": 1, "state_dict": official(model.state_dict(), "module."),
                 "model": "DropPos_mae_vit_small_patch8_dec64d1b"}, tmp_path / "official.pth")
-    line = _evaluation(["--evaluate", tmp_path / "official.pth", "--img-size", 16, "--synthetic-size", 20,
-                        "--batch-size", 64], tmp_path / "ev")
+    argv = ["--evaluate", tmp_path / "official.pth", "--img-size", 16, "--synthetic-size", 20, "--batch-size", 64]
+    line = _evaluation(argv, tmp_path / "ev")
     assert line["epoch"] == 1 and line["test_pos_top1_chance"] == 100 / 4
+    # No overwrite: a folder holding an evaluation refuses a new one.
+    assert "already holds a run (evaluation.json)" in _fails(EVAL_TINY + argv + ["--output-dir", tmp_path / "ev"],
+                                                             capsys)
 
 
 @slow

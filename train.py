@@ -106,8 +106,7 @@ def train(args):
 # 2. The tasks: pre-training, fine-tuning, the probes ==============================================
 
 class Task:
-    """What the loop asks of every mode: a model, parameter groups and betas, set once; a step,
-    an evaluation, and what to draw and keep."""
+    """What the loop asks of every mode: a model, parameter groups, betas, a step, an evaluation."""
 
     acc_name, acc_key, betas = "train top-1", "train_top1", (0.9, 0.999)  # console, metrics.jsonl
 
@@ -119,6 +118,9 @@ class Task:
     def n_params(self):
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
+    def evaluate(self, epochs_done=None):  # a classifier's top-1 on the held-out images
+        return {"test_top1": evaluate_classifier(self.model, self.data, self.args, self.proc)}
+
     def chance(self):  # metrics.jsonl key -> its chance value, for curves.png
         return {"test_top1": 100 / self.data.num_classes}
 
@@ -126,12 +128,6 @@ class Task:
         return {}
 
     def write_outputs(self, folder):  # files besides checkpoint.pt
-        pass
-
-    def state_dict(self):  # what a checkpoint keeps of the task itself
-        return {}
-
-    def load_state_dict(self, state):
         pass
 
 class Pretraining(Task):
@@ -160,8 +156,7 @@ class Pretraining(Task):
         return {"sigma": self.sigma(progress)}
 
     def evaluate(self, epochs_done=None):
-        """Each epoch, the position head on the held-out images (top-1, within one cell,
-        distance); k-NN top-1 every --knn-every epochs and at the end."""
+        """The position head's held-out scores; k-NN every --knn-every epochs and at the end."""
         results, self.beliefs = head_positions(self.model, self.data, self.args, self.proc)
         n, every = epochs_done, self.args.knn_every
         if every and n and (n == self.args.epochs or n % every == 0):
@@ -178,9 +173,8 @@ class Pretraining(Task):
         if self.proc.rank == 0:
             encoder = self.model.encoder.state_dict()
             atomic_write(folder / "encoder.pt", lambda f: torch.save(encoder, f))
-            beliefs = self.beliefs["test_pos"] if self.beliefs else None
-            png = folder / "reassembly.png"
-            save_reassembly(self.model, self.vis_imgs, png, self.proc, beliefs)
+            save_reassembly(self.model, self.vis_imgs, folder / "reassembly.png", self.proc,
+                            self.beliefs.get("test_pos"))  # this epoch's `evaluate`
 
 class Finetuning(Task):
     """A classifier on the pre-trained (or a random) encoder: MAE's fine-tuning recipe, layer-wise
@@ -198,31 +192,17 @@ class Finetuning(Task):
         mixers = [mix(alpha=a, num_classes=data.num_classes)
                   for mix, a in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)) if a > 0]
         self.mix = v2.RandomChoice(mixers) if mixers else None  # one of them per batch
-        self.best = 0.0
 
     def step(self, net, imgs, labels, progress):
-        """Cross-entropy with label smoothing; MixUp/CutMix targets are probabilities, which
-        F.cross_entropy smooths alike.  -> loss, training top-1."""
+        """Cross-entropy, label smoothing on MixUp/CutMix's probabilities too -> loss, top-1."""
         imgs, target = self.mix(imgs, labels) if self.mix else (imgs, labels)
         logits = net(imgs)
         loss = F.cross_entropy(logits.float(), target, label_smoothing=self.args.smoothing)
         return loss, (logits.argmax(-1) == labels).float().mean()
 
-    def evaluate(self, epochs_done=None):  # the classifier lives in checkpoint.pt, its top-1 here
-        top1 = evaluate_classifier(self.model, self.data, self.args, self.proc)
-        self.best = max(self.best, top1)
-        return {"test_top1": top1, "best_top1": self.best}
-
-    def state_dict(self):
-        return {"best": self.best}
-
-    def load_state_dict(self, state):
-        self.best = state["best"]
-
 class Classifier(nn.Module):
-    """The ViT with a fine-tuning head: mean patch token, LayerNorm, linear. mae_head (--recipe
-    paper) pools without the encoder's final norm, as MAE's global-pool head; the norm stays, so a
-    pre-trained state dict loads, frozen (unused, it would get no gradient: DDP refuses that)."""
+    """The ViT under a head: mean patch token, LayerNorm, linear. mae_head pools without the
+    encoder's norm, as MAE; the norm stays so weights load, frozen (DDP refuses unused ones)."""
 
     def __init__(self, encoder, num_classes, mae_head=False):
         super().__init__()
@@ -246,10 +226,9 @@ class FrozenEncoder(nn.Module):
         return self
 
 class LocationProbe(FrozenEncoder):
-    """The paper's location probe (its analysis section) on a frozen encoder: every patch visible,
-    the position embeddings of a random `pos_mask_ratio` of them replaced by one learned vector
-    (zero at start: the paper does not say). Linear heads predict the positions of the patches
-    that lost their embedding (`head`, the measure) and of the others (`control`)."""
+    """The paper's location probe on a frozen encoder: every patch visible, the position embeddings
+    of a random `pos_mask_ratio` of them replaced by one learned vector (zero at start). Linear
+    heads predict the positions of those patches (`head`) and of the others (`control`)."""
 
     def __init__(self, encoder, pos_mask_ratio):
         super().__init__()
@@ -321,9 +300,6 @@ class LinearProbing(Task):
         logits = net(imgs)
         return F.cross_entropy(logits.float(), labels), (logits.argmax(-1) == labels).float().mean()
 
-    def evaluate(self, epochs_done=None):
-        return {"test_top1": evaluate_classifier(self.model, self.data, self.args, self.proc)}
-
 TASKS = {"pretrain": Pretraining, "finetune": Finetuning, "location_probe": LocationProbing,
          "linear_probe": LinearProbing}
 
@@ -357,8 +333,8 @@ def no_decay_rule(recipe_name, mode):
     return NO_DECAY[switch(recipe_name, mode, "no_decay")]
 
 def param_groups(model, weight_decay, lr_scale=None, no_decay=NO_DECAY["laptop"]):
-    """AdamW groups: no weight decay where no_decay(name, param) says so (`no_decay_rule`), and,
-    for fine-tuning, an lr scale per parameter (layer-wise decay). Frozen parameters are skipped."""
+    """AdamW groups of the trainable parameters: no weight decay where no_decay(name, param), and
+    an lr scale per parameter (fine-tuning's layer-wise decay)."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -373,9 +349,8 @@ def make_optimizer(groups, betas, device, lr=1e-4):  # the loop sets each step's
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type in ("cuda", "cpu"))
 
 def optimizer_step(model, optimizer, loss, clip_grad, per_parameter=False):
-    """Backward, clip the gradients' joint norm (0 = no clipping) or, per_parameter, each
-    gradient's own (the official pre-training's: no layer's large gradient shrinks the others),
-    update."""
+    """Backward, clip the gradients' joint norm (0: none) or, per_parameter, each one's own (the
+    official pre-training's: no layer's large gradient shrinks the others), update."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip_grad > 0:
@@ -440,8 +415,6 @@ def load_datasets(args):
         held_out, keep = Subset(train, keep[::10]), [i for j, i in enumerate(keep) if j % 10]
     else:
         held_out = Subset(held_out, take_classes(held_out.targets, args.classes, None))
-    if len(held_out) == 0:
-        raise UserError("the held-out set has no images of the kept classes (--val-dir, --classes)")
     return Subset(train, keep), held_out, num_classes
 
 def take_classes(targets, classes, per_class):
@@ -454,16 +427,14 @@ def take_classes(targets, classes, per_class):
     return keep
 
 class TrainStream:
-    """This process's training batches, augmented and normalised on the device: CIFAR-size sets
-    held in memory and augmented a batch at a time, photos one by one (`SeededTransform`). Both
-    seed augmentation by (seed, epoch, step or image): a resumed epoch sees the same crops."""
+    """This process's training batches on the device: small images held in memory, augmented a
+    batch at a time, photos one by one; seeded by epoch and step or image, for exact resume."""
 
     def __init__(self, train_set, args, rank, world, mode, device):
         self.args, self.rank, self.device = args, rank, device
         finetune = mode != "pretrain"  # probes augment as fine-tuning does (MAE's linear probe)
         self.scale = crop_scale(finetune)
-        # augment_batch can crop and flip but not RandAugment or RandomErasing: MAE's fine-tuning
-        # augmentation (--recipe paper) takes the per-image path even for CIFAR-size sets.
+        # MAE's fine-tuning augmentation (RandAugment, RandomErasing) is per image, for any size.
         mae_augment = switch(args.recipe, mode, "mae_augment")
         stored = None if mae_augment else decode_in_memory(train_set, args.img_size)
         self.in_memory = stored is not None
@@ -504,8 +475,7 @@ def crop_scale(finetune):
     return (0.08 if finetune else 0.2, 1.0)
 
 def augment_batch(imgs, size, scale, generator):
-    """`train_transform` for a whole uint8 batch (B, 3, S, S) on its device: RandomResizedCrop,
-    horizontal flip, normalisation.  -> (B, 3, size, size) float."""
+    """`train_transform` for a uint8 batch (B, 3, S, S) on its device -> (B, 3, size, size)."""
     # RandomResizedCrop for a whole batch in one grid_sample call: saves ~1 ms of PIL per image.
     boxes = random_crop_boxes(len(imgs), *imgs.shape[2:], scale, generator)
     flip = torch.rand(len(imgs), generator=generator) < 0.5
@@ -514,8 +484,7 @@ def augment_batch(imgs, size, scale, generator):
     return v2.functional.normalize(crops, MEAN, STD)  # as the per-image transforms do
 
 def random_crop_boxes(n, height, width, scale, generator, ratio=(3 / 4, 4 / 3), tries=10):
-    """RandomResizedCrop's boxes for n images at once, drawn as torchvision draws them.
-    -> (n, 4) float: top, left, height, width."""
+    """RandomResizedCrop's boxes, drawn as torchvision does -> (n, 4): top, left, height, width."""
     # Area share uniform in `scale`, aspect ratio log-uniform in `ratio`: the first of `tries`
     # draws that fits, else the whole image (torchvision's fallback for a square image).
     area = torch.empty(n, tries).uniform_(*scale, generator=generator) * height * width
@@ -532,8 +501,7 @@ def resample_crops(imgs, boxes, flip, size):
     flip.  imgs: (B, C, H, W) float; boxes: (B, 4) as `random_crop_boxes`; flip: (B,) bool."""
     B, C, H, W = imgs.shape
     top, left, h, w = boxes.unbind(1)
-    # affine_grid maps output coordinates in [-1, 1] (pixel edges, align_corners=False) to input
-    # coordinates: the output's edges land on the box's edges.
+    # affine_grid maps the output's edges ([-1, 1], align_corners=False) onto the box's edges.
     zero, sx = torch.zeros_like(w), torch.where(flip, -w, w)  # a negative x scale mirrors
     theta = torch.stack([sx / W, zero, (2 * left + w) / W - 1,
                          zero, h / H, (2 * top + h) / H - 1], 1).view(B, 2, 3)
@@ -551,8 +519,7 @@ def eval_batches(images, args, proc, batch_size):
 
 @torch.no_grad()
 def extract_features(encoder, batches, proc):
-    """L2-normalised mean of the encoder's patch tokens per image, from every process in rank
-    order.  -> (M, D), (M,)."""
+    """L2-normalised mean patch token per image, every process's, in rank order -> (M, D), (M,)."""
     feats = [torch.zeros(0, encoder.dim, device=proc.device)]  # for a process with no images
     labels = [torch.zeros(0, dtype=torch.long, device=proc.device)]
     for imgs, y in batches:
@@ -578,8 +545,7 @@ def knn_classify(train_feats, train_labels, test_feats, num_classes, k=20, t=0.0
     return torch.cat(preds)
 
 def run_knn(encoder, data, args, proc):
-    """k-NN top-1 (%) of the encoder's features on the held-out images, the training images as
-    the bank. Every process embeds its share of both, so none waits idle in a collective."""
+    """k-NN top-1 (%) on the held-out images, the training images the bank, split by process."""
     encoder.eval()
     bank_f, bank_y = extract_features(encoder, eval_batches(data.train, args, proc, 256), proc)
     test_f, test_y = extract_features(encoder, eval_batches(data.held_out, args, proc, 256), proc)
@@ -620,11 +586,10 @@ def probe_positions(probe, data, args, proc):
 
 @torch.no_grad()
 def held_out_positions(predict, data, args, proc, grid, keep=20_000):
-    """Position scores on the held-out images (each process its share) of every group that
-    predict(imgs) -> {name: (logits (B, n, N), true cells (B, n), scored (B, n) bool)} returns,
-    and for pictures {name: (probs (M, N), true cells (M,))} of up to `keep` of this process's
-    patches. Masks are seeded by --seed, so every epoch scores the same patches, and the training
-    RNG is left as it was (exact resume)."""
+    """Position scores on the held-out images, split by process, of each group predict(imgs) ->
+    {name: (logits (B, n, N), true cells (B, n), scored (B, n) bool)} returns, and for pictures
+    {name: (probs (M, N), true cells (M,))} of up to `keep` patches. Masks are seeded by --seed
+    (every epoch scores the same patches) in a forked RNG (exact resume)."""
     sums, kept = {}, {}
     with torch.random.fork_rng([proc.device] if proc.device.type == "cuda" else []):
         torch.manual_seed(args.seed)
@@ -655,9 +620,8 @@ def held_out_positions(predict, data, args, proc, grid, keep=20_000):
     return results, pictured
 
 def position_scores(probs, true_pos, grid):
-    """probs: (M, N), only the argmax counts; true_pos: (M,) long, same device; grid: (h, w).
-    Floats: top1, within1 (Chebyshev distance <= 1) as fractions, distance as mean Euclidean
-    cells; chance_*: the same over every (true cell, guess) pair, i.e. a uniform guess."""
+    """probs (M, N) (the argmax counts), true_pos (M,), grid (h, w) -> top1, within1 (Chebyshev
+    distance <= 1) as fractions, distance in cells; chance_*: the same for a uniform guess."""
     h, w = grid
     k = torch.arange(h * w, device=probs.device)
     xy = torch.stack([k // w, k % w], 1).double()  # (N, 2); float64 so the chances are exact
@@ -689,10 +653,9 @@ TRAINS = {"pretrain", "finetune", "location_probe", "linear_probe"}  # the modes
 STEPS = TRAINS | {"benchmark"}  # the modes that take optimiser steps
 BENCH_WARMUP, BENCH_STEPS = 3, 10  # --benchmark's untimed, then timed steps
 
-# --recipe: per mode, the defaults of the flags not typed, and switches no flag sets (`switch`).
-# laptop's suit short CPU runs. paper's pre-training is the official DropPos code's
-# (main_pretrain.py, scripts/pretrain_base.sh), its fine-tuning MAE's recipe as DropPos's scripts
-# run it. Entries equal to the parser's default are listed too: each column reads as the recipe.
+# --recipe: per mode, defaults of the flags not typed, and switches no flag sets (`switch`). laptop
+# suits short CPU runs; paper is the official DropPos pre-training (main_pretrain.py,
+# pretrain_base.sh) and MAE's fine-tuning as DropPos runs it; with parser defaults: a whole recipe.
 SWITCHES = dict(no_decay="laptop", clip_each=False, mae_head=False, mae_augment=False,
                 eval_crop=1.0)
 RECIPES = {
@@ -754,9 +717,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 def build_parser():
-    """Every flag once: its group, type (whose range it checks), default and help, the modes and
-    datasets it applies to (`applies`; all of a kind it names none of), whether --resume may
-    change it (`free`: nothing the run learns) and whether it is the encoder's shape (`shape`)."""
+    """Every flag once: group, type (which checks its range), default, help, the modes and datasets
+    it `applies` to (all if it names none), `free` (--resume may change it), encoder `shape`."""
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
 
     def group(title):
@@ -770,18 +732,16 @@ def build_parser():
     add = group("data")
     add("--dataset", "what to train on; synthetic needs no download", default="cifar10",
         choices=list(DATASETS))
-    add("--data-dir", "where CIFAR is downloaded to; for imagefolder, the ImageFolder tree (one "
-        "sub-folder per class) of training images", {"cifar10", "cifar100", "imagefolder"},
-        default="data", free=True)
-    add("--val-dir", "imagefolder: a held-out ImageFolder tree for k-NN and fine-tuning top-1 "
-        "(default: every 10th training image is held out)", TRAINS | {"evaluate", "imagefolder"},
-        free=True)
+    add("--data-dir", "where CIFAR goes; for imagefolder, a folder per class of training images",
+        {"cifar10", "cifar100", "imagefolder"}, default="data", free=True)
+    add("--val-dir", "imagefolder: held-out images, a folder per class (default: every 10th "
+        "training image)", TRAINS | {"evaluate", "imagefolder"}, free=True)
     add("--classes", "keep only the first K classes (default: all)", type=COUNT)
     add("--per-class", "keep at most M training images per class (default: all)", type=COUNT)
     add("--synthetic-size", "synthetic: number of training images", {"synthetic"}, type=COUNT,
         default=2048)
-    add("--workers", "loader processes for photos (default: 0 on a CPU, where they would slow "
-        "the step; 8 on a GPU); CIFAR-size sets are held in memory", type=NATURAL, free=True)
+    add("--workers", "loader processes for photos (default: 0 on a CPU, 8 on a GPU)",
+        type=NATURAL, free=True)
 
     add = group("model")
     add("--model", "encoder and decoder preset", default="tiny", choices=sorted(PRESETS))
@@ -800,14 +760,11 @@ def build_parser():
     add("--mask-ratio", "γ: share of patches hidden", PRETRAIN, type=SHARE, default=0.75)
     add("--pos-mask-ratio", "γ_pos: share of visible patches whose position embedding is dropped",
         PRETRAIN | {"location_probe"}, type=SHARE_OR_ALL, default=0.75)
-    add("--sigma", "σ0 of position smoothing (0 = one-hot targets)", PRETRAIN, type=NONNEGATIVE,
+    add("--sigma", "σ0 of position smoothing (0: one-hot)", PRETRAIN, type=NONNEGATIVE,
         default=1.0)
-    add("--no-sigma-decay", "keep σ = σ0 instead of decaying it to 0", PRETRAIN,
-        action="store_true")
-    add("--no-attentive", "uniform loss weights instead of attentive ones", PRETRAIN,
-        action="store_true")
-    add("--tau", "τ: temperature of attentive reconstruction", PRETRAIN, type=POSITIVE,
-        default=0.1)
+    add("--no-sigma-decay", "keep σ = σ0, not decaying to 0", PRETRAIN, action="store_true")
+    add("--no-attentive", "uniform loss weights", PRETRAIN, action="store_true")
+    add("--tau", "τ: temperature of attentive reconstruction", PRETRAIN, type=POSITIVE, default=0.1)
     add("--pos-embed", "fixed 2-D sin-cos position embedding, or a learned one", default="sincos",
         choices=["sincos", "learnable"], shape=True)
 
@@ -823,38 +780,35 @@ def build_parser():
     add("--min-lr", "lr at the end of the cosine", TRAINS, type=NONNEGATIVE, default=0.0)
     add("--warmup-epochs", "linear lr warm-up", TRAINS, type=NONNEGATIVE, default=1.0)
     add("--weight-decay", "AdamW weight decay", STEPS, type=NONNEGATIVE, default=0.05)
-    add("--clip-grad", "gradient-norm clipping (0 = none); --recipe paper pre-training clips each "
-        "parameter's gradient to this norm on its own", STEPS, type=NONNEGATIVE, default=5.0)
+    add("--clip-grad", "gradient-norm clipping (0 = none)", STEPS, type=NONNEGATIVE, default=5.0)
     add("--seed", "seeds data order, augmentation, masking, init",
         type=number(int, -2 ** 63, 2 ** 64 - 2 ** 10), default=0)  # torch's range, room for + rank
 
     add = group("fine-tuning")
-    add("--finetune", "train a classifier on a checkpoint's encoder (see below), or on a random "
-        "one ('scratch')", metavar="CHECKPOINT|scratch", type=checkpoint)
+    add("--finetune", "train a classifier on a checkpoint's encoder, or a random one",
+        metavar="CHECKPOINT|scratch", type=checkpoint)
     add("--layer-decay", "layer-wise lr decay", {"finetune"}, type=SHARE_OR_ALL, default=0.75)
-    add("--drop-path", "stochastic depth of the last block", {"finetune"}, type=SHARE,
-        default=0.1)
+    add("--drop-path", "stochastic depth of the last block", {"finetune"}, type=SHARE, default=0.1)
     add("--smoothing", "label smoothing", {"finetune"}, type=SHARE, default=0.1)
     add("--mixup", "MixUp alpha (0 = off)", {"finetune"}, type=NONNEGATIVE, default=0.8)
     add("--cutmix", "CutMix alpha (0 = off)", {"finetune"}, type=NONNEGATIVE, default=1.0)
 
     add = group("evaluation and probes (any checkpoint: train.py's, the official DropPos code's, "
                 "MAE's, timm's)")
-    add("--evaluate", "train nothing: position top-1, within one cell and distance on the "
-        "held-out images (with a position head), k-NN, test top-1 (a fine-tuning checkpoint), the "
-        "picture; evaluation.json and one JSON line", metavar="CHECKPOINT", type=checkpoint)
-    add("--location-probe", "the paper's location probe: a frozen encoder, every patch visible, "
-        "the position embeddings of --pos-mask-ratio of them replaced by one learned vector, "
-        "linear heads predicting positions", metavar="CHECKPOINT|random", type=checkpoint)
-    add("--linear-probe", "MAE's linear probe: a frozen encoder, BatchNorm without affine "
-        "parameters and a linear classifier", metavar="CHECKPOINT|random", type=checkpoint)
+    add("--evaluate", "train nothing: position scores, k-NN, a classifier's top-1, the picture",
+        metavar="CHECKPOINT", type=checkpoint)
+    add("--location-probe", "the paper's location probe: frozen encoder, --pos-mask-ratio of the "
+        "position embeddings replaced by one learned vector", metavar="CHECKPOINT|random",
+        type=checkpoint)
+    add("--linear-probe", "MAE's linear probe: frozen encoder, BatchNorm, linear classifier",
+        metavar="CHECKPOINT|random", type=checkpoint)
 
     add = group("output and evaluation")
     add("--output-dir", "the run's folder (default: runs/ and a name from the dataset or the "
         "checkpoint's run, the mode, the recipe and the seed)",
         TRAINS | {"evaluate"}, free=True)
-    add("--resume", "continue the run in FOLDER exactly where it stopped, with the flags it was "
-        "started with", metavar="FOLDER|CHECKPOINT", free=True)
+    add("--resume", "continue the run in FOLDER exactly where it stopped, with its flags",
+        metavar="FOLDER|CHECKPOINT", free=True)
     add("--knn-every", "k-NN monitor every N epochs and at the end (0 = off)", {"pretrain"},
         type=NATURAL, default=10, free=True)
     add("--log-every", "seconds between progress lines (0 = every step)", TRAINS,
@@ -863,8 +817,8 @@ def build_parser():
     add = group("hardware")
     add("--device", "auto: a GPU if present", default="auto", choices=["auto", "cpu", "cuda"],
         free=True)
-    add("--precision", "auto: bf16 autocast on a GPU, and on a CPU whose bf16 matmuls beat fp32 "
-        "ones", default="auto", choices=["auto", "bf16", "fp32"], free=True)
+    add("--precision", "auto: bf16 autocast on a GPU, and on a CPU with bf16 matmul units",
+        default="auto", choices=["auto", "bf16", "fp32"], free=True)
     add("--compile", "torch.compile the model: minutes of start-up; on a 2-core CPU no faster "
         "step", STEPS,
         action="store_true", free=True)
@@ -879,8 +833,7 @@ FREE_ON_RESUME = {name for name, a in FLAGS.items() if a.free}
 ENCODER_SHAPE = tuple(name for name, a in FLAGS.items() if a.shape)
 
 def parse_args(argv=None):
-    """The run's flags: the command line checked and completed or, with --resume, the flags the
-    run was started with plus the free ones given now."""
+    """The run's flags: the command line checked and completed, or a resumed run's own."""
     parser = build_parser()
     args = parser.parse_args(argv)
     for action in parser._actions:  # parse again with every default suppressed: what was typed
@@ -911,9 +864,8 @@ def check_mode_flags(args, given):
     for name in sorted(given & set(MODES) - {mode}):
         raise UserError(f"{flag(name)} does not apply with {flag(mode)}")
     if mode == "evaluate" and not source_of(args):
-        raise UserError(f"--evaluate scores a checkpoint, not {args.evaluate!r} (a folder of that "
-                        f"name: ./{args.evaluate}); random weights are scored by --location-probe "
-                        "random and --linear-probe random")
+        raise UserError(f"--evaluate scores a checkpoint, not {args.evaluate!r}; random weights "
+                        "are scored by --location-probe random and --linear-probe random")
     if "model" in given and source_of(args):
         raise UserError(f"--model does not apply with {flag(mode)} CHECKPOINT: the encoder's "
                         f"shape comes from the checkpoint")
@@ -946,25 +898,19 @@ def complete_args(args, given):
         if name in FLAGS and name not in given:  # a typed flag wins over the recipe
             setattr(args, name, value)
     if args.workers is None:
-        args.workers = default_workers(args.device)
+        args.workers = 8 if torch.cuda.is_available() and args.device != "cpu" else 0
     if args.output_dir is None:
         args.output_dir = str(Path("runs") / default_run_name(args))
 
 def first_image_size(args):
     """(width, height) of the first image of an ImageFolder --data-dir; None when there is none."""
-    if args.dataset != "imagefolder" or not Path(args.data_dir).is_dir():
-        return None
-    for folder in sorted(d for d in Path(args.data_dir).iterdir() if d.is_dir()):
-        for path in sorted(folder.iterdir()):
-            try:
-                with Image.open(path) as im:
-                    return im.size
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-                continue
+    for path in sorted(Path(args.data_dir).glob("*/*")) if args.dataset == "imagefolder" else []:
+        try:
+            with Image.open(path) as im:
+                return im.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue
     return None
-
-def default_workers(device):
-    return 8 if torch.cuda.is_available() and device != "cpu" else 0
 
 def default_run_name(args):
     """A default folder of its own for each kind of run, source, recipe and seed."""
@@ -984,9 +930,7 @@ def default_run_name(args):
 def load_checkpoint(path):
     """torch.load under weights_only: no file runs code; MAE's pickled Namespace of args passes."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{str(path)!r} is a folder without checkpoint.pt; name a checkpoint file")
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
@@ -1016,8 +960,7 @@ _SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
 def _rename(state):
     """timm / official DropPos key names -> ours; the rest (a pixel decoder, a head) is left out."""
     state = {k.removeprefix("module."): v for k, v in state.items()}  # DDP's wrapper
-    # The decoder is ours only if decoder_pred is the N-way position head: MAE's predicts p*p*3
-    # pixels there (as does --drop_pos_type vanilla_mae), and 3p^2 is never a square N.
+    # decoder_pred is ours if it is the N-way position head; MAE's predicts 3p² pixels, no square N.
     pos, pred = state.get("pos_embed"), state.get("decoder_pred.weight")  # (1, 1+N, D), (?, Dd)
     rows = pred.shape[0] if pred is not None and pred.ndim == 2 else None
     positional = pos is not None and pos.ndim == 3 and rows == pos.shape[1] - 1
@@ -1081,8 +1024,7 @@ def encoder_shape(model):
     return shape
 
 def resize_pos_embed(pos, grid, kind):
-    """pos (1, 1+s*s, D) -> (1, 1+h*w, D) for grid (h, w), [CLS] kept; "sincos" is recomputed, as
-    resizing would stretch its frequencies, "learnable" resized as MAE's interpolate_pos_embed."""
+    """pos (1, 1+s*s, D) -> (1, 1+h*w, D), [CLS] kept: sincos recomputed, learnable resized."""
     s, dim = math.isqrt(pos.shape[1] - 1), pos.shape[2]
     if tuple(grid) == (s, s):
         return pos
@@ -1104,17 +1046,12 @@ def arch_facts(name):
     return facts
 
 @functools.lru_cache(maxsize=2)
-def _imported(path, stamp):  # stamp: the mtime, so a file written anew is read anew
-    return import_state(load_checkpoint(path), path)
-
 def imported(path):
     """The checkpoint at path in our key names, read once (parse and build both need it)."""
-    p = Path(path)
-    return _imported(str(p), p.stat().st_mtime_ns if p.is_file() else None)
+    return import_state(load_checkpoint(path), path)
 
 def take_encoder_shape(args, given):
-    """The checkpoint's encoder shape (run flags, arch name, tensors) into args: each mode uses it
-    as trained; a typed flag it contradicts is refused, but --img-size where pos_embed resizes."""
+    """The checkpoint's encoder shape into args; a typed flag it contradicts is refused."""
     path, mode = source_of(args), mode_of(args)
     imp = imported(path)
     try:
@@ -1197,17 +1134,14 @@ def resumed_args(args, given):
     for name in sorted(given - FREE_ON_RESUME):
         if getattr(args, name) != saved[name]:
             raise UserError(f"{flag(name)} would change the run in {folder!r}: it was started "
-                            f"with {saved[name]!r}, you gave {getattr(args, name)!r}. Drop the "
-                            f"flag to continue the run as it was, or start a new run with another "
-                            f"--output-dir")
+                            f"with {saved[name]!r}, you gave {getattr(args, name)!r}; drop the "
+                            "flag, or start a new run in another --output-dir")
     if "output_dir" in given and Path(args.output_dir).resolve() != path.parent.resolve():
         raise UserError(f"--resume continues the run in its own folder {folder!r}; drop "
                         f"--output-dir")
     merged = argparse.Namespace(**saved)
     for name in given & FREE_ON_RESUME:
         setattr(merged, name, getattr(args, name))
-    if "workers" not in given:
-        merged.workers = default_workers(merged.device)
     merged.output_dir, merged.resume = folder, str(path)
     return merged
 
@@ -1229,8 +1163,7 @@ def load_state(module, state, what):
         raise UserError(f"{what} does not match this model: {detail}") from None
 
 def atomic_write(path, write):
-    """Write a file whole or not at all: a temporary file beside it, flushed and fsync'ed, then
-    renamed over it. A kill or a full disk leaves the previous version intact."""
+    """Write a file whole or not at all: a temporary beside it, fsync'ed, renamed over it."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -1243,9 +1176,8 @@ def atomic_write(path, write):
         raise OSError(e.errno, e.strerror, str(path)) from None
 
 class FolderLock:
-    """A live run owns its folder: rank 0 holds `.lock` in it with flock(2), taken first. The kernel
-    drops it when the process dies however it dies, so a dead run never blocks its --resume; the
-    file names the owner, for the refusal of a second run. A new run never overwrites a run."""
+    """A live run owns its folder: rank 0 holds `.lock` with flock(2), which the kernel drops when
+    the process dies however it dies. The file names the owner. A new run never overwrites a run."""
 
     def __init__(self, args):
         self.folder, self.args, self.fd = Path(args.output_dir), args, None
@@ -1286,13 +1218,12 @@ def row_before(line, epochs_done, steps_done):
         return False
 
 class RunFolder:
-    """Everything exact resume needs, in one place. A checkpoint pairs names with the objects
-    they restore (`objects`), plus the position in the run and every process's RNG state and
-    running sums; a resumed run also cuts metrics.jsonl back to the rows its checkpoint saw."""
+    """Everything exact resume needs, in one place: the objects a checkpoint restores, the position
+    in the run, every process's RNG state and running sums, metrics.jsonl cut back to match."""
 
     def __init__(self, args, proc, task, optimizer, data):
         self.args, self.proc, self.task, self.data = args, proc, task, data
-        self.objects = {"model": task.model, "optimizer": optimizer, "task": task}
+        self.objects = {"model": task.model, "optimizer": optimizer}
         self.folder = Path(args.output_dir)
         self.checkpoint = self.folder / "checkpoint.pt"
         self.epoch, self.step, self.sums, self.elapsed_before = 0, 0, None, 0.0
@@ -1308,7 +1239,7 @@ class RunFolder:
         if ck["n_train"] != len(self.data.train):
             raise UserError(f"the run in {here!r} trained on {ck['n_train']} images, but "
                             f"{len(self.data.train)} are there now; check --data-dir")
-        for name, obj in self.objects.items():  # "task" is absent from older versions
+        for name, obj in self.objects.items():
             load_state(obj, ck.get(name, {}), f"the {name} state in checkpoint {str(path)!r}")
         self.epoch, self.step = ck["epoch"], ck["step_in_epoch"]
         self.elapsed_before = ck.get("elapsed_s", 0.0)  # absent from older versions
@@ -1398,22 +1329,16 @@ def start_processes(args):
             torch.cuda.set_device(local)
         dist.init_process_group(backend)
         rank = dist.get_rank()
-    device = pick_device(args.device, local)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is available")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
     return Proc(rank, world, local, device, *pick_precision(args.precision, device),
                 pick_threads() if device.type == "cpu" else "")
 
-def pick_device(name, local_rank):
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but no CUDA GPU is available (use --device "
-                        "cpu)")
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
 def pick_precision(name, device):
-    """--precision auto, decided by what the hardware is, never by a timing race: bf16 autocast on
-    a GPU that supports it, and on a CPU only with bf16 matmul units (avx512_bf16 or AMX), where it
-    runs ~2x fp32; elsewhere bf16 matmuls are emulated, ~100x slower.  -> (precision, why)."""
+    """--precision auto, from the hardware, never a timing race: bf16 on a GPU that supports it and
+    on a CPU with bf16 matmul units (~2x fp32; emulated elsewhere, ~100x slower). -> (it, why)."""
     if name != "auto":
         return name, "asked for"
     if device.type == "cuda":
@@ -1440,8 +1365,7 @@ def pick_threads():
     return f"{threads} thread{'s' * (threads > 1)} ({busy} of {n} cores busy elsewhere)"
 
 def busy_cores(seconds=0.3):
-    """How many of this process's cores another process keeps over half busy, read from
-    /proc/stat over a short wait (0 where there is no /proc)."""
+    """How many of this process's cores another process keeps over half busy (/proc/stat)."""
     def ticks():  # cpu -> (idle, total) since boot
         with open("/proc/stat") as f:
             rows = [line.split() for line in f if re.match(r"cpu\d", line)]
@@ -1486,8 +1410,7 @@ def agree(flag, proc):
     return t.item() > 0
 
 class StopRequest:
-    """Ctrl-C and SIGTERM only set a flag, so a run stops between two steps, never half-way through
-    an update; a second one quits at once without saving."""
+    """Ctrl-C and SIGTERM set a flag: a run stops between two steps; a second one quits at once."""
 
     def __enter__(self):
         self.signalled = 0  # the signal's number once one came
@@ -1505,8 +1428,7 @@ class StopRequest:
         self.signalled = signum
 
     def agreed(self, loss, proc):
-        """'non-finite', 'interrupted' or None, the same on every process after the same step. It
-        reads one number per step from the device: the price of never leaving a process behind."""
+        """'non-finite', 'interrupted' or None, the same on every process after the same step."""
         bad = ~torch.isfinite(loss.detach())
         sig = torch.tensor(float(bool(self.signalled)), device=loss.device)
         status = torch.stack([bad.float(), sig])
@@ -1518,9 +1440,8 @@ class StopRequest:
 # 10. Images: downloads, photos, synthetic ones, augmentation; warnings ==========================
 
 class SyntheticImages(Dataset):
-    """Offline images with spatial structure: a sky-to-ground luminance ramp, a left-to-right
-    colour ramp and stripes whose frequency and orientation give 10 classes, each image jittered by
-    its own seed. Where a patch sits shows in its colour and brightness: positions are learnable."""
+    """Offline images: vertical and horizontal colour ramps, so positions are learnable, and
+    stripes whose frequency and orientation give 10 classes; each image jittered by its seed."""
 
     num_classes = 10
 
@@ -1559,8 +1480,7 @@ def load_imagefolder(args):
     return train, folder(args.val_dir, "--val-dir") if args.val_dir else None
 
 def open_image(path, size):
-    """ImageFolder's loader: the image as RGB or, when it cannot be decoded (truncated, empty, not
-    an image), a blank stand-in of the training size, named once: one bad file costs no run."""
+    """ImageFolder's loader: the image as RGB, or a blank stand-in, named, if it is unreadable."""
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
@@ -1604,8 +1524,7 @@ class SeededTransform(Dataset):
             return self.transform(img), label
 
 def train_transform(size, finetune=False, mae_augment=False):
-    """PIL image -> normalised float (3, size, size): RandomResizedCrop + flip; mae_augment adds
-    MAE's build_transform (timm's order): RandAugment, then RandomErasing 'pixel'."""
+    """PIL image -> normalised (3, size, size): RandomResizedCrop, flip; mae_augment: MAE's too."""
     crop = [v2.RandomResizedCrop(size, scale=crop_scale(finetune), antialias=True,
                                  interpolation=v2.InterpolationMode.BICUBIC),
             v2.RandomHorizontalFlip()]
@@ -1617,8 +1536,7 @@ def train_transform(size, finetune=False, mae_augment=False):
     return v2.Compose([*crop, NoisyRandAugment(), v2.ToImage(), *to_float, erase])
 
 class NoisyRandAugment(nn.Module):
-    """timm's RandAugment 'rand-m9-mstd0.5-inc1' (MAE's --aa): each op's level drawn from
-    N(magnitude, std), clipped to [0, 10]; torchvision's levels are fixed."""
+    """timm's RandAugment 'rand-m9-mstd0.5-inc1' (MAE's --aa): levels drawn from N(9, 0.5)."""
 
     num_ops, magnitude, magnitude_std, op_prob = 2, 9.0, 0.5, 0.5
 
@@ -1640,8 +1558,7 @@ class NoisyRandAugment(nn.Module):
         return img
 
 def eval_crop_pct(args):
-    """Share of the resized image that evaluation keeps: the whole square (laptop), or MAE's 224/256
-    up to 224 px (paper), so 224 px images lose their border, as ImageNet evaluation does."""
+    """Share of the resized image evaluation keeps: all (laptop), or MAE's 224/256 (paper)."""
     return switch(args.recipe, mode_of(args), "eval_crop") if args.img_size <= 224 else 1.0
 
 def eval_transform(size, crop_pct=1.0):
@@ -1652,15 +1569,10 @@ def eval_transform(size, crop_pct=1.0):
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 def decode_in_memory(dataset, size, limit_bytes=2 ** 31):
-    """A CIFAR-size set as uint8 images (M, 3, size, size) and labels (M,); None for images over
-    64 px, not size×size, or over 2 GiB in all: those are cropped one by one."""
+    """Small images as uint8 (M, 3, size, size) and labels (M,); None if not size×size, over 64 px
+    or over 2 GiB in all: those are cropped one by one."""
     if size > 64 or len(dataset) * 3 * size * size > limit_bytes:
         return None
-    base = dataset.dataset if isinstance(dataset, Subset) else dataset
-    if isinstance(base, torchvision.datasets.CIFAR10):  # CIFAR-100 too: it subclasses CIFAR-10
-        idx = torch.as_tensor(getattr(dataset, "indices", range(len(base))), dtype=torch.long)
-        return (torch.from_numpy(base.data).permute(0, 3, 1, 2)[idx].contiguous(),
-                torch.tensor(base.targets)[idx])
     images = torch.empty(len(dataset), 3, size, size, dtype=torch.uint8)
     labels = torch.empty(len(dataset), dtype=torch.long)
     for i in range(len(dataset)):
@@ -1682,10 +1594,9 @@ def load_cifar(args):
     except Exception as e:  # network, disk or archive: all end the same way for the user
         why = (str(e).splitlines() or [""])[0]
         raise UserError(f"could not get {args.dataset} into {args.data_dir!r} ({type(e).__name__}: "
-                        f"{why}). Download {cls.filename} from "
-                        "https://www.cs.toronto.edu/~kriz/cifar.html and put it in "
-                        f"{args.data_dir!r} (or pass --data-dir), or use --dataset synthetic, "
-                        "which works offline") from None
+                        f"{why}). Download {cls.filename} from https://www.cs.toronto.edu/~kriz/"
+                        f"cifar.html and put it in {args.data_dir!r} (or pass --data-dir), or use "
+                        "--dataset synthetic, which works offline") from None
 
 def warn_about_split_names(dataset, data_dir):
     """Class folders named like splits: --data-dir is almost certainly one level too high."""
@@ -1745,11 +1656,10 @@ FONT, SMALL = ImageFont.load_default(size=14), ImageFont.load_default(size=11)
 CELL, PAD = 16, 8  # px per cell of maps A and B, px margin
 ORIGIN = (PAD, 68)  # top left of map A; map B starts (h + 2) * CELL to its right
 TRUE, ARGMAX, EMPTY = (0, 220, 255), (0, 200, 0), 200 / 255  # cyan, green, grey: no data
-SKIP = {"epoch", "step", "summary", "elapsed_s", "images_per_sec", "best_top1"}
+SKIP = {"epoch", "step", "summary", "elapsed_s", "images_per_sec"}
 
 def picture_images(data):
-    """8 held-out images for reassembly.png, spread over the set: folders list their images
-    class by class, so the first 8 would often be of one class."""
+    """8 held-out images for reassembly.png, spread over the set (and so over its classes)."""
     tf, n = eval_transform(data.args.img_size, eval_crop_pct(data.args)), len(data.held_out)
     return torch.stack([tf(data.held_out[i][0]) for i in range(0, n, max(n // 8, 1))][:8])
 
@@ -1863,9 +1773,8 @@ def row_col_beliefs(probs, true_pos, grid):
     return tuple(out)
 
 def draw_beliefs(probs, true_pos, grid, examples=4):
-    """probs: (M, N) predicted distributions, true_pos: (M,) long, grid: (h, w) -> RGB image.
-    A: true row x predicted row (row_col_beliefs), B: the same for columns, on one scale;
-    C: `examples` evenly spaced patches, each over the grid, on a scale of their own."""
+    """probs (M, N), true_pos (M,), grid (h, w) -> RGB image. A, B: true x predicted row, column
+    (row_col_beliefs), on one scale; C: `examples` patches over the grid, each on its own."""
     h, w = grid
     rows, cols = row_col_beliefs(probs, true_pos, grid)
     s = position_scores(probs, true_pos, grid)
@@ -1913,22 +1822,13 @@ def draw_beliefs(probs, true_pos, grid, examples=4):
 def finite(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-def steps_per_epoch(progress, summaries):
-    """train.py logs each epoch's last step, so the first summarised epoch e ends at its largest
-    step = e * steps_per_epoch. Before any summary: the rows' largest step / largest epoch."""
-    done = {r["epoch"] for r in progress} & {r["epoch"] for r in summaries} - {0}
-    rs = [r for r in progress if r["epoch"] == min(done)] if done else progress
-    return max([r["step"] for r in rs], default=1) / max([r["epoch"] for r in rs] + [1]) or 1.0
-
-def draw_curves(rows, chance=None, columns=3):
-    """metrics.jsonl rows (list of dicts) -> RGB image: a panel per numeric key over epochs, a
-    summary at its epoch, a progress row at step / steps_per_epoch; NaN or missing: skipped.
-    chance: key -> value, drawn as a grey line."""
+def draw_curves(rows, spe=1, chance=None, columns=3):
+    """metrics.jsonl rows -> RGB image: a panel per numeric key over epochs (a progress row at
+    step / spe, steps per epoch), NaN or missing skipped, chance (key -> value) a grey line."""
     pw, ph = 280, 160  # px per panel
     summ = [r for r in rows if r.get("summary") and finite(r.get("epoch"))]
     prog = [r for r in rows if not r.get("summary") and finite(r.get("epoch"))
             and finite(r.get("step"))]
-    spe = steps_per_epoch(prog, summ)
     at_x = [[(r["step"] / spe, r) for r in prog], [(r["epoch"], r) for r in summ]]
     keys = dict.fromkeys(k for r in prog + summ for k, v in r.items()
                          if k not in SKIP and finite(v))
@@ -1974,8 +1874,7 @@ def hms(s):  # 0:01:40
 
 class Logger:
     """Progress lines on stdout, one JSON object per line in metrics.jsonl (rank 0). Epochs count
-    from 1; `step` counts optimiser steps over the run; accuracies are in percent. The loss is read
-    once per step: `StopRequest.agreed` reads the device then anyway."""
+    from 1, `step` optimiser steps over the run; accuracies in percent."""
 
     def __init__(self, path, proc, every_s, steps_per_epoch, total_steps, epoch_sums, acc_names,
                  elapsed_before):
@@ -2033,7 +1932,7 @@ class Logger:
         if self.proc.rank == 0:
             self.sync()
             rows = [json.loads(line) for line in self.path.read_text().splitlines()]
-            picture = draw_curves(rows, chance)
+            picture = draw_curves(rows, self.steps_per_epoch, chance)
             atomic_write(self.path.with_name("curves.png"), lambda f: picture.save(f, format="PNG"))
 
     def elapsed(self):
@@ -2079,10 +1978,9 @@ def matmul_flops(device, dtype):
     return 2 * n ** 3 * reps / (clock(device) - t)
 
 def droppos_flops(cfg):
-    """Model FLOPs of one pre-training image, counted analytically (matmuls only): per token
-    2·in·out for a linear layer, 4·n·D for attention (QKᵀ, AV), so a block on n tokens
-    costs n·(24·D² + 4·n·D) (qkv 3D², proj D², MLP 8D², times 2). Backward is twice the
-    forward of what gets gradients; the attentive pass is one forward of all N patches."""
+    """Model FLOPs of one pre-training image (matmuls): per token 2·in·out a linear layer, 4·n·D
+    attention, so a block on n tokens costs n·(24·D² + 4·n·D). Backward is twice the forward of
+    what gets gradients; the attentive pass is one forward of all N patches."""
     D, Dd, N = cfg["dim"], cfg["decoder_dim"], (cfg["img_size"] // cfg["patch_size"]) ** 2
     n = int(N * (1 - cfg["mask_ratio"])) + 1  # + [CLS]
     patch_in = 3 * cfg["patch_size"] ** 2
@@ -2165,13 +2063,11 @@ def bench_with_data(args, step, proc):
 
 # 15. The command, start to end ====================================================================
 
-# A full or read-only disk, or a file where a folder should be: met at the first write
 CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EEXIST,
-                errno.ENOTDIR)
+                errno.ENOTDIR)  # a full or read-only disk, a file where a folder should be
 
 def main(argv=None):
-    """What the command asks for: train, evaluate or benchmark. Bad input, and a disk that is full
-    or read-only, met at the first write, is one line and exit code 2."""
+    """Train, evaluate or benchmark. Bad input, or a full or read-only disk: one line, exit 2."""
     _said.clear()  # each command names its warnings anew
     try:
         args = parse_args(argv)
@@ -2196,8 +2092,7 @@ if __name__ == "__main__":
     try:
         main()
     except SystemExit as e:
-        # Stopped by Ctrl-C or SIGTERM, with the checkpoint saved: die of that signal, as a shell
-        # expects, so `for s in 0 1 2; do python train.py ...; done` stops instead of going on.
+        # Stopped by Ctrl-C or SIGTERM, checkpoint saved: die of that signal, so a shell loop stops
         if e.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
             signal.signal(e.code - 128, signal.SIG_DFL)
             os.kill(os.getpid(), e.code - 128)
