@@ -935,9 +935,10 @@ def load_checkpoint(path):
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a checkpoint, or a pickled class weights_only refuses
-        why = re.search(r"unsupported global: GLOBAL \S+", str(e), re.IGNORECASE)
-        why = why[0] if why else str(e).strip().split("\n")[0][:200] or type(e).__name__
+    except Exception as e:  # a folder, a truncated file, not a checkpoint, a class it refuses
+        refused = re.search(r"unsupported global: GLOBAL \S+", str(e), re.IGNORECASE)
+        why = (refused[0] if refused else getattr(e, "strerror", None)
+               or "not a PyTorch checkpoint, or a truncated one")
         raise UserError(f"cannot read checkpoint {str(path)!r}: {why}") from None
 
 class Imported(NamedTuple):
