@@ -737,7 +737,7 @@ def build_parser():
     add("--val-dir", "imagefolder: held-out images, a folder per class (default: every 10th "
         "training image)", TRAINS | {"evaluate", "imagefolder"}, free=True)
     add("--classes", "keep only the first K classes (default: all)", type=COUNT)
-    add("--per-class", "keep at most M training images per class (default: all)", type=COUNT)
+    add("--per-class", "keep the first M training images of each class (default: all)", type=COUNT)
     add("--synthetic-size", "synthetic: number of training images", {"synthetic"}, type=COUNT,
         default=2048)
     add("--workers", "loader processes for photos (default: 0 on a CPU, 8 on a GPU)",
