@@ -1,6 +1,6 @@
 """Pre-train DropPos, watch it learn, evaluate what it learned, and time it.
 
-    python train.py --dataset synthetic --epochs 2           # offline, a minute on a laptop
+    python train.py --dataset synthetic --epochs 2           # offline, a minute or two
     python train.py --dataset cifar10                        # pre-train ViT-Tiny/4 on CIFAR-10
     python train.py --resume runs/cifar10-pretrain           # continue a run where it stopped
     python train.py --finetune runs/cifar10-pretrain/checkpoint.pt   # fine-tune what it learned
