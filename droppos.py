@@ -92,13 +92,13 @@ def gather_tokens(x, ids):
 # 3. Position dropping
 # --------------------------------------------------------------------------------------------
 
-def drop_positions(batch, n_vis, n_pos_keep, device=None, generator=None):
+def drop_positions(batch, n_vis, n_pos_keep, device=None):
     """Step 3: which visible tokens lose their position embedding.
 
     Returns (batch, n_vis) bool, True where the position is dropped; exactly
     n_vis - n_pos_keep True per row, chosen independently per sample.
     """
-    keep = random_masking(batch, n_vis, n_pos_keep, device=device, generator=generator)
+    keep = random_masking(batch, n_vis, n_pos_keep, device=device)
     dropped = torch.ones(batch, n_vis, dtype=torch.bool, device=device)
     return dropped.scatter(1, keep, False)
 
@@ -350,7 +350,7 @@ def position_loss(logits, targets, dropped, weights=None):
 
 def position_accuracy(logits, ids_keep, dropped):
     """Step 9: top-1 position accuracy over dropped patches, unweighted (the official code weights
-    it by step 7).  Returns a 0-dim tensor, so the step never waits on the host."""
+    it by step 7).  Returns a 0-dim tensor: the forward itself forces no device-to-host copy."""
     hit = (logits.argmax(-1) == ids_keep) & dropped
     return hit.sum() / dropped.sum()
 

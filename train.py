@@ -249,8 +249,8 @@ class LocationProbe(FrozenEncoder):
         return self.head(feats), self.control(feats), dropped
 
 class LinearProbe(FrozenEncoder):
-    """MAE's linear probe on a frozen encoder, which runs without gradient: BatchNorm without
-    affine parameters, then a linear classifier, on the mean patch token (k-NN's feature)."""
+    """MAE's linear probe (BatchNorm without affine parameters, then linear) on a frozen encoder
+    run without gradient, over the mean patch token, k-NN's feature (MAE's default reads [CLS])."""
 
     def __init__(self, encoder, num_classes):
         super().__init__()
@@ -401,7 +401,7 @@ class Data:
                 f"patch {a.patch_size}, grid {h}x{w}")
 
 def load_datasets(args):
-    """(train, held_out, num_classes), untransformed, cut to --classes / --per-class."""
+    """(train, held_out, num_classes), untransformed; --per-class cuts train, --classes both."""
     if args.dataset == "synthetic":
         train = SyntheticImages(args.synthetic_size, args.img_size, args.seed)
         held_out = SyntheticImages(max(args.synthetic_size // 5, 10), args.img_size, args.seed + 1)
@@ -432,7 +432,7 @@ class TrainStream:
 
     def __init__(self, train_set, args, rank, world, mode, device):
         self.args, self.rank, self.device = args, rank, device
-        finetune = mode != "pretrain"  # probes augment as fine-tuning does (MAE's linear probe)
+        finetune = mode not in PRETRAIN  # the probes augment as fine-tuning does, as in MAE
         self.scale = crop_scale(finetune)
         # MAE's fine-tuning augmentation (RandAugment, RandomErasing) is per image, for any size.
         mae_augment = switch(args.recipe, mode, "mae_augment")
